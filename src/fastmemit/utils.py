@@ -1,0 +1,56 @@
+"""Small shared helpers: atomic writes, logging, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fastmemit")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    A crash or exception before the rename leaves ``path`` untouched (and removes the temporary),
+    so a reader never sees a half-written file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def progress(iterable: Any = None, *, total: int | None = None, desc: str = "", unit: str = "it", disable: bool | None = None) -> Any:
+    """The one progress helper: a tqdm bar on stderr, silenced when FASTMEMIT_PROGRESS=0."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = os.environ.get("FASTMEMIT_PROGRESS", "1") == "0"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=False)
+
+
+def cache_dir() -> Path:
+    """Root of fastmemit's user cache: ``$FASTMEMIT_CACHE`` or ``~/.cache/fastmemit``."""
+    env = os.environ.get("FASTMEMIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastmemit"
