@@ -1,0 +1,122 @@
+"""`fastmemit edit`: write new facts into a model and show before/after predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fastmemit.cli.common import add_model_arguments, parse_layers
+from fastmemit.errors import EditError
+
+NAME = "edit"
+HELP = "edit facts into a model (ROME, MEMIT, EMMET, AlphaEdit) and show before/after predictions"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--method", "--alg_name", dest="method", default="EMMET", help="ROME, MEMIT, EMMET or AlphaEdit (default EMMET)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--request", action="append", help='JSON request, e.g. \'{"prompt": "The mother tongue of {} is", '
+                     '"subject": "Danielle Darrieux", "target_new": "English"}\' (repeatable)')
+    src.add_argument("--requests", type=Path, help="JSON file with a list of requests (also CounterFact records)")
+    p.add_argument("--hparams", "--hparams_fname", dest="hparams", default=None,
+                   help="hparams JSON file or built-in name (default: the built-in for this model)")
+    p.add_argument("--layers", type=parse_layers, default=None, help="override hparams.layers, e.g. 4-8")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override one hparams field, e.g. --set mom2_update_weight=1e4 (repeatable)")
+    p.add_argument("--corpus", default=None, help="statistics corpus (default: hparams.stats_corpus or gensim-wiki)")
+    p.add_argument("--cache-dir", default=None, help="statistics cache folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-deltas", type=Path, default=None, help="write the deltas (safetensors) here")
+    p.add_argument("--generate", nargs="*", default=None, metavar="PROMPT",
+                   help="also print greedy generations for these prompts (default: each request's prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--top", type=int, default=5, help="top tokens shown before/after (default 5)")
+    p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+
+
+def _load_requests(args: argparse.Namespace) -> list[Any]:
+    from fastmemit.requests import EditRequest
+
+    if args.requests is not None:
+        try:
+            data = json.loads(args.requests.read_text())
+        except FileNotFoundError:
+            raise EditError(f"requests file {str(args.requests)!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise EditError(f"requests file {str(args.requests)!r}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise EditError(f"requests file {str(args.requests)!r}: expected a list of requests")
+    else:
+        data = []
+        for i, s in enumerate(args.request):
+            try:
+                data.append(json.loads(s))
+            except json.JSONDecodeError as e:
+                raise EditError(f"--request #{i + 1}: invalid JSON ({e.msg})") from None
+    return [EditRequest.from_any(d) for d in data]
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in args.set:
+        if "=" not in s:
+            raise EditError(f"--set expects FIELD=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    if args.layers is not None:
+        out["layers"] = args.layers
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastmemit.editing import Editor, resolve_hparams
+    from fastmemit.methods import get_method
+    from fastmemit.models import load_model
+    from fastmemit.probe import generate, top_tokens
+
+    requests = _load_requests(args)
+    method = get_method(args.method)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    hp = resolve_hparams(method, args.hparams, model)
+    overrides = _overrides(args)
+    if overrides:
+        hp = hp.replace(**overrides)
+    prompts = [r.text for r in requests]
+    gen_prompts = prompts if args.generate is None or not args.generate else args.generate
+    before = {"top": top_tokens(model, tok, prompts, args.top), "gen": generate(model, tok, gen_prompts, args.max_new_tokens)}
+    editor = Editor(model, tok, method.name, hp, corpus=args.corpus, stats_cache_dir=args.cache_dir, seed=args.seed)
+    result = editor.edit(requests)
+    after = {"top": top_tokens(model, tok, prompts, args.top), "gen": generate(model, tok, gen_prompts, args.max_new_tokens)}
+    if args.save_deltas is not None:
+        result.save(args.save_deltas)
+    report = {
+        "method": method.name,
+        "layers": hp.layers,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "requests": [
+            {**r.to_dict(), "before": b, "after": a} for r, b, a in zip(requests, before["top"], after["top"])
+        ],
+        "generations": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(gen_prompts, before["gen"], after["gen"])],
+        "deltas": str(args.save_deltas) if args.save_deltas else None,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{method.name} on layers {hp.layers}: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    for r in report["requests"]:
+        print(f"\n{r['prompt'].replace('{}', r['subject'])!r} -> {r['target_new']!r}")
+        print("  before: " + "  ".join(f"{t!r} {p:.3f}" for t, p in r["before"]))
+        print("  after:  " + "  ".join(f"{t!r} {p:.3f}" for t, p in r["after"]))
+    for g in report["generations"]:
+        print(f"\n{g['prompt']!r}\n  before: {g['before']!r}\n  after:  {g['after']!r}")
+    if args.save_deltas:
+        print(f"\ndeltas saved to {args.save_deltas}")
+    return 0

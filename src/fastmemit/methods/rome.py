@@ -1,0 +1,28 @@
+"""ROME: rank-one equality-constrained edit of one fact at one layer.
+
+Δ = (v* − W k*) (C0⁻¹ k*)ᵀ / (k*ᵀ C0⁻¹ k*): EMMET with B = 1 and no ridge (λ cancels). Batches
+of several requests are applied one request after another (each a rank-one update on the model
+as left by the previous one), as the ROME paper does for multiple edits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmemit.linalg import ridge_system_delta
+from fastmemit.methods.base import EditMethod, LayerState, register_method
+from fastmemit.methods.hparams import EditHparams
+
+
+class ROME(EditMethod):
+    name = "ROME"
+    hparams_cls = EditHparams
+    single_layer = True
+    one_request_at_a_time = True
+
+    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        assert state.factor is not None
+        return ridge_system_delta(R, K, state.factor, mu=0.0)  # rank one for B = 1: (d, d_k)
+
+
+register_method(ROME())
