@@ -1,0 +1,406 @@
+"""Evaluation metrics: batched teacher-forced scoring, CounterFact and zsRE metrics, fluency, consistency.
+
+The core is :func:`score_targets`: for many ``(prompt, target)`` pairs, the token ids of the prompt
+and of ``" " + target`` are computed *separately* and concatenated, so the scored tokens are exactly
+the target's, whatever a joint tokenization would have merged at the boundary. Sequences are right
+padded, one forward pass a batch, position ids 0..T-1 for every row (right padding keeps them
+correct), and each target token is scored from the logits one position earlier.
+
+Definitions (see ``docs/evaluation.md``): ``P(x) = exp(-mean-token NLL of " " + x)``, the geometric
+mean of the per-token probabilities, as the ROME/MEMIT code computes it. Comparisons are strict: a
+tie (equal NLLs) counts as a failure, for efficacy and for neighbourhood alike.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastmemit.eval.datasets import CounterFactCase, TfidfTable, ZsreCase
+from fastmemit.utils import logger, progress
+
+# Per-case metric keys that summarize() averages (and multiplies by 100).
+COUNTERFACT_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "rewrite_acc", "paraphrase_acc", "neighborhood_acc",
+                    "ngram_entropy", "reference_score")
+ZSRE_KEYS = ("efficacy", "generalization", "specificity")
+SCORE_PARTS = ("es", "ps", "ns")
+
+# A fixed word placed before " " + target when tokenizing it alone: tokenizers with a SentencePiece
+# "dummy prefix" would otherwise turn the leading space into an extra token.
+_TARGET_REF = "a"
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _ids(tok: Any, text: str, *, special: bool) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_prompt(tok: Any, prompt: str) -> list[int]:
+    """Token ids of a prompt as the model sees it at the start of a text (BOS if the tokenizer adds one)."""
+    ids = _ids(tok, prompt, special=True)
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+    return ids
+
+
+def encode_target(tok: Any, target: str) -> list[int]:
+    """Token ids of ``" " + target`` as a continuation (no special tokens).
+
+    Tokenized after a fixed reference word and cut there, so that a SentencePiece dummy prefix does
+    not add a stray space token; for byte-level BPE (GPT-2, Llama-3, SmolLM2) this equals
+    ``tok(" " + target, add_special_tokens=False)``. The ids do not depend on the prompt.
+    """
+    ref = _ids(tok, _TARGET_REF, special=False)
+    joint = _ids(tok, _TARGET_REF + " " + target, special=False)
+    ids = joint[len(ref):] if joint[: len(ref)] == ref else _ids(tok, " " + target, special=False)
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return ids
+
+
+def _pad_id(tok: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tok, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- teacher-forced scoring
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Teacher-forced score of one target after one prompt."""
+
+    token_ids: tuple[int, ...]  # the target's tokens
+    token_nlls: tuple[float, ...]  # -log p(token | prompt, earlier target tokens)
+    correct: tuple[bool, ...]  # argmax of the prediction == the token
+
+    @property
+    def nll(self) -> float:
+        """Mean token NLL."""
+        return sum(self.token_nlls) / len(self.token_nlls)
+
+    @property
+    def prob(self) -> float:
+        """exp(-mean NLL): the geometric mean of the token probabilities."""
+        return math.exp(-self.nll)
+
+    @property
+    def all_correct(self) -> bool:
+        return all(self.correct)
+
+
+@torch.no_grad()
+def score_token_ids(
+    model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int = 0, batch_size: int = 32
+) -> list[TargetScore]:
+    """Score ``(prompt_ids, target_ids)`` pairs: one right-padded forward pass per batch.
+
+    Pairs are batched longest first (less padding); results come back in input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    for i, (p, t) in enumerate(pairs):
+        if not p or not t:
+            raise ValueError(f"pair {i}: prompt and target need at least one token each")
+    if model.training:
+        logger.warning("scoring a model in training mode (dropout active); call model.eval() first")
+    device = model_device(model)
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[TargetScore | None] = [None] * len(pairs)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    for batch in progress(batches, desc="scoring", unit="batch"):
+        seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
+        T = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
+        for r, s in enumerate(seqs):
+            input_ids[r, : len(s)] = torch.tensor(s)
+            attention_mask[r, : len(s)] = 1
+        position_ids = torch.arange(T).unsqueeze(0).expand(len(seqs), T)  # (B, T); right padding: 0.. per row
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+        ).logits  # (B, T, V)
+        # Target token j of row r sits at P+j and is predicted at P+j-1 (P = prompt length).
+        rows, cols, tgt = [], [], []
+        for r, i in enumerate(batch):
+            P, tids = len(pairs[i][0]), pairs[i][1]
+            rows += [r] * len(tids)
+            cols += range(P - 1, P - 1 + len(tids))
+            tgt += list(tids)
+        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]  # (N, V)
+        logp = torch.log_softmax(picked.float(), dim=-1)  # (N, V)
+        tgt_t = torch.tensor(tgt, device=logits.device)  # (N,)
+        nll = (-logp.gather(1, tgt_t.unsqueeze(1)).squeeze(1)).tolist()  # (N,)
+        hit = (picked.argmax(dim=-1) == tgt_t).tolist()  # (N,)
+        k = 0
+        for i in batch:
+            n = len(pairs[i][1])
+            out[i] = TargetScore(tuple(pairs[i][1]), tuple(nll[k : k + n]), tuple(bool(h) for h in hit[k : k + n]))
+            k += n
+    return [s for s in out if s is not None]
+
+
+def score_targets(
+    model: nn.Module, tok: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+) -> list[TargetScore]:
+    """Teacher-forced scores of ``" " + targets[i]`` after ``prompts[i]`` (see :func:`encode_target`)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompt_cache: dict[str, list[int]] = {}
+    target_cache: dict[str, list[int]] = {}
+    pairs = []
+    for p, t in zip(prompts, targets):
+        if p not in prompt_cache:
+            prompt_cache[p] = encode_prompt(tok, p)
+        if t not in target_cache:
+            target_cache[t] = encode_target(tok, t)
+        pairs.append((prompt_cache[p], target_cache[t]))
+    # Identical pairs are scored once.
+    unique = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in pairs))
+    scores = dict(zip(unique, score_token_ids(model, unique, pad_id=_pad_id(tok), batch_size=batch_size)))
+    return [scores[(tuple(p), tuple(t))] for p, t in pairs]
+
+
+# ----------------------------------------------------------------------------- generation metrics
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+_TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn TfidfVectorizer's default token_pattern
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's generation entropy of one text: mean over n of ``weight_n · H_n``.
+
+    ``H_n`` is the entropy in bits of the frequency distribution of word n-grams (words: ``\\w+`` runs
+    and single punctuation characters). A text with no n-gram of some size contributes 0 for it.
+    """
+    words = _WORD.findall(text)
+    terms = []
+    for n, w in zip(ns, weights):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        terms.append(w * h)
+    return sum(terms) / len(terms)
+
+
+def tfidf_similarity(text_a: str, text_b: str, table: TfidfTable) -> float:
+    """Cosine between the tf-idf vectors of two texts (lower-cased ``\\w\\w+`` terms in the vocabulary).
+
+    As scikit-learn's ``TfidfVectorizer`` with the published vocabulary and idf: raw counts × idf.
+    0.0 when either text has no vocabulary term.
+    """
+
+    def vec(text: str) -> dict[int, float]:
+        counts = Counter(table.vocab[t] for t in _TFIDF_TOKEN.findall(text.lower()) if t in table.vocab)
+        return {j: c * float(table.idf[j]) for j, c in counts.items()}
+
+    a, b = vec(text_a), vec(text_b)
+    na = math.sqrt(sum(v * v for v in a.values()))
+    nb = math.sqrt(sum(v * v for v in b.values()))
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return sum(v * b.get(j, 0.0) for j, v in a.items()) / (na * nb)
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module, tok: Any, prompts: Sequence[str], *, max_new_tokens: int = 100, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations, batched with left padding; returns prompt + continuation, decoded.
+
+    Padding is built here (the caller's tokenizer is not switched to left padding). Generation stops
+    early only when every row has produced the end-of-sequence token.
+    """
+    device = model_device(model)
+    pad = _pad_id(tok)
+    texts: list[str] = []
+    for s in progress(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
+        ids = [encode_prompt(tok, p) for p in prompts[s : s + batch_size]]
+        T = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), T), pad, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(ids), T), dtype=torch.long)  # (B, T)
+        for r, x in enumerate(ids):
+            input_ids[r, T - len(x):] = torch.tensor(x)
+            attention_mask[r, T - len(x):] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad,
+        )  # (B, T + new)
+        for r, x in enumerate(ids):
+            texts.append(tok.decode(x + out[r, T:].tolist(), skip_special_tokens=True))
+    return texts
+
+
+# ----------------------------------------------------------------------------- CounterFact
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def evaluate_counterfact_cases(
+    model: nn.Module,
+    tok: Any,
+    cases: Sequence[CounterFactCase],
+    *,
+    batch_size: int = 32,
+    generation: bool = True,
+    max_new_tokens: int = 100,
+    snippets: Mapping[tuple[str, str], Sequence[Mapping[str, str]]] | None = None,
+    tfidf: TfidfTable | None = None,
+) -> list[dict[str, Any]]:
+    """Per-case CounterFact metrics of ``model`` (call before and after editing for pre/post).
+
+    Every (prompt, target) pair of all cases is scored in shared batches. Per case (values in [0, 1];
+    ``None`` when the case has no prompt of that kind):
+
+    - ``es``/``em``: rewrite prompt: mean over its prompts of [NLL(new) < NLL(true)] / of P(new) − P(true);
+    - ``ps``/``pm``: the same over paraphrase prompts;
+    - ``ns``/``nm``: neighbour prompts: [NLL(true) < NLL(new)] / P(true) − P(new), "true" being the
+      neighbours' answer;
+    - ``rewrite_acc``/``paraphrase_acc``/``neighborhood_acc``: every token of the expected target
+      (new, new, true) is the argmax;
+    - with ``generation`` and generation prompts: ``ngram_entropy`` (mean over the prompts' greedy
+      generations); with ``snippets`` and ``tfidf`` too: ``reference_score`` (tf-idf cosine between
+      all generations and the attribute snippets of the new target).
+    """
+    prompts: list[str] = []
+    targets: list[str] = []
+    spans: list[dict[str, tuple[int, int]]] = []
+    for c in cases:
+        span = {}
+        groups = {"rewrite": [c.rewrite_prompt], "paraphrase": list(c.paraphrase_prompts),
+                  "neighborhood": list(c.neighborhood_prompts)}
+        for name, ps in groups.items():
+            new, true = c.target_new, (c.neighborhood_target if name == "neighborhood" else c.target_true)
+            start = len(prompts)
+            for p in ps:
+                prompts += [p, p]
+                targets += [new, true]
+            span[name] = (start, len(prompts))
+        spans.append(span)
+    scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
+
+    records = []
+    for c, span in zip(cases, spans):
+        rec: dict[str, Any] = {"case_id": c.case_id}
+        for name, (a, b) in span.items():
+            new = scores[a:b:2]
+            true = scores[a + 1 : b : 2]
+            rec[f"{name}_prompts_probs"] = [{"target_new": n.nll, "target_true": t.nll} for n, t in zip(new, true)]
+            expected = true if name == "neighborhood" else new
+            rec[f"{name}_prompts_correct"] = [s.all_correct for s in expected]
+        for name, succ, mag in (("rewrite", "es", "em"), ("paraphrase", "ps", "pm"), ("neighborhood", "ns", "nm")):
+            probs = rec[f"{name}_prompts_probs"]
+            sign = -1.0 if name == "neighborhood" else 1.0  # neighbours should keep the true answer
+            rec[succ] = _mean([float((sign * (x["target_true"] - x["target_new"])) > 0) for x in probs])  # strict: tie fails
+            rec[mag] = _mean([sign * (math.exp(-x["target_new"]) - math.exp(-x["target_true"])) for x in probs])
+            rec[f"{name}_acc"] = _mean([float(v) for v in rec[f"{name}_prompts_correct"]])
+        records.append(rec)
+
+    if generation and any(c.generation_prompts for c in cases):
+        # All cases' generation prompts share batches; the texts are split back per case.
+        gen_prompts = [p for c in cases for p in c.generation_prompts]
+        texts = generate_greedy(model, tok, gen_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        k = 0
+        for c, rec in zip(cases, records):
+            if not c.generation_prompts:
+                continue
+            gens, k = texts[k : k + len(c.generation_prompts)], k + len(c.generation_prompts)
+            rec["generations"] = gens
+            rec["ngram_entropy"] = _mean([ngram_entropy(t) for t in gens])
+            if snippets is not None and tfidf is not None and c.relation_id and c.target_new_id:
+                refs = [s["text"] for s in snippets.get((c.relation_id, c.target_new_id), [])]
+                if refs:
+                    rec["reference_score"] = tfidf_similarity(" ".join(gens), " ".join(refs), tfidf)
+    return records
+
+
+def evaluate_counterfact_case(model: nn.Module, tok: Any, case: CounterFactCase, **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_counterfact_cases` for one case."""
+    return evaluate_counterfact_cases(model, tok, [case], **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------- zsRE
+
+
+def evaluate_zsre_cases(
+    model: nn.Module, tok: Any, cases: Sequence[ZsreCase], *, batch_size: int = 32
+) -> list[dict[str, Any]]:
+    """Per-case zsRE token accuracies, teacher forced, as in the MEND/MEMIT zsRE evaluation.
+
+    The question is followed by ``" " + answer``; each answer token counts as correct when it is the
+    argmax given the question and the answer's earlier tokens. Per case (in [0, 1]):
+    ``efficacy`` (``alt`` after ``src``), ``generalization`` (``alt`` after ``rephrase``),
+    ``specificity`` (``loc_ans`` after ``loc + "?"``; ``loc`` is an NQ question without its question
+    mark, which the research code adds). Lists of per-token results are kept under ``*_correct``.
+    """
+    prompts: list[str] = []
+    targets: list[str] = []
+    for c in cases:
+        prompts += [c.src, c.rephrase, c.loc + "?"]
+        targets += [c.alt, c.alt, c.loc_ans]
+    scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
+    records = []
+    for k, c in enumerate(cases):
+        rw, para, loc = scores[3 * k : 3 * k + 3]
+        records.append({
+            "case_id": c.case_id,
+            "rewrite_correct": list(rw.correct),
+            "paraphrase_correct": list(para.correct),
+            "neighborhood_correct": list(loc.correct),
+            "efficacy": _mean([float(x) for x in rw.correct]),
+            "generalization": _mean([float(x) for x in para.correct]),
+            "specificity": _mean([float(x) for x in loc.correct]),
+        })
+    return records
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean; 0 when any value is 0 (the limit)."""
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Means ×100 over cases of every per-case metric present, plus ``score`` and ``n_cases``.
+
+    ``score`` = harmonic mean of the ES, PS and NS means (×100), when all three exist. Records of the
+    form ``{"pre": {...}, "post": {...}}`` give ``{"pre": summary, "post": summary}``. ``None``
+    values (a case without prompts of that kind) are left out of that metric's mean.
+    """
+    if records and any(k in records[0] for k in ("pre", "post")):
+        return {part: summarize([r[part] for r in records if part in r]) for part in ("pre", "post")
+                if any(part in r for r in records)}
+    out: dict[str, Any] = {"n_cases": len(records)}
+    for key in (*COUNTERFACT_KEYS, *ZSRE_KEYS):
+        vals = [float(r[key]) for r in records if r.get(key) is not None]
+        if vals:
+            out[key] = 100.0 * sum(vals) / len(vals)
+    if all(k in out for k in SCORE_PARTS):
+        out["score"] = harmonic_mean([out[k] for k in SCORE_PARTS])
+    return out
