@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmemit.errors import DeltaMismatchError, EditError
+from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError, StatisticsError
 from fastmemit.keys_values import context_templates, keys_and_outputs, optimize_targets, rewrite_rows
 from fastmemit.linalg import FactoredCov
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
@@ -103,11 +103,17 @@ class Editor:
         seed: int = 0,
         show_progress: bool = True,
         use_cache: bool = True,
+        target_cache: dict[Any, tuple[torch.Tensor, float, int]] | None = None,
     ) -> None:
         self.model, self.tok = model, tok
         self.method: EditMethod = get_method(method)
         self.hp = resolve_hparams(self.method, hparams, model)
-        check_layers(model, self.hp.layers)
+        try:
+            check_layers(model, self.hp.layers)
+        except FastMemitError:
+            raise
+        except ValueError as e:  # a FastMemitError, so that the CLI reports it instead of a traceback
+            raise EditError(f"hparams.layers: {e}") from None
         self.arch = get_arch(model)
         self.corpus = corpus if corpus is not None else self.hp.stats_corpus
         self.stats_cache_dir = stats_cache_dir
@@ -117,6 +123,9 @@ class Editor:
         self.states: dict[int, LayerState] = {}
         self._templates: list[str] | None = None
         self.stats_seconds = 0.0
+        # z* per request depends only on the model's weights, the request, the templates and the v*
+        # hparams: runs that compare statistics or solvers on the same batches can share this dict
+        self.target_cache = target_cache
 
     # --- lazily built pieces --------------------------------------------------------------
     def templates(self) -> list[str]:
@@ -142,6 +151,9 @@ class Editor:
             seq_len=self.hp.stats_seq_len, seed=self.seed, cache=cache, cache_dir=self.stats_cache_dir,
             show_progress=self.show_progress, **self._count_kwargs(),
         )
+        bad = [layer for layer, st in stats.items() if not torch.isfinite(st.sum_kk).all()]
+        if bad:  # checked for every method: AlphaEdit's eigh reads one triangle and would miss a NaN
+            raise StatisticsError(f"layer {', '.join(map(str, bad))} statistics contain NaN or inf")
         for layer, st in stats.items():
             old = self.states.get(layer)
             state = LayerState(layer, st.mom2)
@@ -185,6 +197,7 @@ class Editor:
         totals = {layer: torch.zeros_like(params[layer][1], dtype=torch.float64) for layer in layers}  # stored shape
         info: dict[str, Any] = {"v_nll": [], "v_steps": []}
         groups = [[r] for r in reqs] if getattr(self.method, "one_request_at_a_time", False) else [reqs]
+        extras = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
         try:
             for group in groups:
                 self._edit_group(group, layers, params, originals, totals, templates, timings, info)
@@ -192,6 +205,8 @@ class Editor:
             with torch.no_grad():
                 for name, p in params.values():
                     p.copy_(originals[name])
+            for layer, extra in extras.items():  # e.g. AlphaEdit's keys of a batch that was never applied
+                self.states[layer].extra = extra
             raise
         deltas = {params[layer][0]: totals[layer].to(params[layer][1].dtype) for layer in layers}
         return EditResult(deltas, self.method.name, self.hp.to_dict(), reqs, fingerprint, timings, info,
@@ -201,15 +216,15 @@ class Editor:
                     originals: dict[str, torch.Tensor], totals: dict[int, torch.Tensor], templates: list[str],
                     timings: dict[str, float], info: dict[str, Any]) -> None:
         last = layers[-1]
-        target = optimize_targets(self.model, self.tok, reqs, templates, last, self.hp, show_progress=self.show_progress)
-        timings["v"] += target.seconds
-        info["v_nll"] += target.nll
-        info["v_steps"] += target.steps
+        z, nll, steps, seconds = self._targets(reqs, templates, last)
+        timings["v"] += seconds
+        info["v_nll"] += nll
+        info["v_steps"] += steps
         t0 = time.perf_counter()
         rows = rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)
         for i, layer in enumerate(layers):
             K, H = keys_and_outputs(self.model, rows, len(reqs), len(templates), layer, last)  # (d_k, B), (B, d)
-            R = (target.z - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
+            R = (z - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
             state = self.states[layer]
             delta = self.method.layer_delta(self.hp, state, K, R)  # (d, d_k) float64, math orientation
             if not torch.isfinite(delta).all():
@@ -220,6 +235,27 @@ class Editor:
                 p.copy_(originals[name] + totals[layer].to(p.dtype))
             self.method.commit(self.hp, state, K)
         timings["solve"] += time.perf_counter() - t0
+
+
+    def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> tuple[torch.Tensor, list[float], list[int], float]:
+        """z* (B, d) for the requests, from ``target_cache`` where possible, the rest optimized together."""
+        if self.target_cache is None:
+            t = optimize_targets(self.model, self.tok, reqs, templates, last, self.hp, show_progress=self.show_progress)
+            return t.z, t.nll, t.steps, t.seconds
+        hp = self.hp
+        base = (model_fingerprint(self.model), tuple(templates), last, hp.fact_token, hp.v_num_grad_steps, hp.v_lr,
+                hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop_nll)
+        keys = [(base, r.prompt, r.subject, r.target_new) for r in reqs]
+        todo = [i for i, k in enumerate(keys) if k not in self.target_cache]
+        seconds = 0.0
+        if todo:
+            t = optimize_targets(self.model, self.tok, [reqs[i] for i in todo], templates, last, hp,
+                                 show_progress=self.show_progress)
+            seconds = t.seconds
+            for j, i in enumerate(todo):
+                self.target_cache[keys[i]] = (t.z[j].clone(), t.nll[j], t.steps[j])
+        got = [self.target_cache[k] for k in keys]
+        return torch.stack([g[0] for g in got]), [g[1] for g in got], [g[2] for g in got], seconds
 
 
 def resolve_hparams(method: EditMethod, hparams: EditHparams | Mapping[str, Any] | str | Path | None, model: nn.Module | None = None) -> EditHparams:

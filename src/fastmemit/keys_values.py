@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmemit.errors import EditError
-from fastmemit.hooks import Trace, add_at_positions, edit_output
+from fastmemit.hooks import Trace, edit_output
 from fastmemit.models.arch import get_arch
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
@@ -177,6 +178,109 @@ class TargetResult:
     seconds: float
 
 
+@dataclass
+class _VRow:
+    ids: list[int]  # prompt ids (template + prompt, or the essence prompt)
+    fact: int  # fact token index in ids
+    request: int
+    target: list[int] | None  # target ids after the prompt; None for the essence (KL) row
+
+
+class _VBatch:
+    """Rows of the active requests split at the fact token.
+
+    Tokens before the fact token never see δ (causal attention), so they run once, without
+    gradient, into a key/value cache; each optimization step runs only the suffix (fact token,
+    rest of the prompt, target tokens) on a copy of that cache. Prefixes are left padded and
+    suffixes right padded, so the fact token is suffix position 0 in every row.
+    """
+
+    def __init__(self, model: nn.Module, rows: list[_VRow], active: list[int], pad_id: int, device: torch.device) -> None:
+        self.active = list(active)
+        slot = {b: a for a, b in enumerate(active)}
+        rw = [r for r in rows if r.request in slot and r.target is not None]
+        kl = [r for r in rows if r.request in slot and r.target is None]
+        self.rows = rw + kl
+        self.n_rewrite = len(rw)
+        prefixes = [r.ids[: r.fact] for r in self.rows]
+        suffixes = [r.ids[r.fact :] + (r.target or []) for r in self.rows]
+        p_len = max(len(p) for p in prefixes)
+        s_len = max(len(x) for x in suffixes)
+        n = len(self.rows)
+        p_ids = torch.full((n, p_len), pad_id, dtype=torch.long)
+        p_mask = torch.zeros((n, p_len), dtype=torch.long)
+        s_ids = torch.full((n, s_len), pad_id, dtype=torch.long)
+        s_mask = torch.zeros((n, s_len), dtype=torch.long)
+        for i, (p, x) in enumerate(zip(prefixes, suffixes)):
+            if p:
+                p_ids[i, p_len - len(p) :] = torch.tensor(p)
+                p_mask[i, p_len - len(p) :] = 1
+            s_ids[i, : len(x)] = torch.tensor(x)
+            s_mask[i, : len(x)] = 1
+        mask = torch.cat([p_mask, s_mask], 1)  # (n, P + S)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.s_ids, self.mask, self.s_pos = s_ids.to(device), mask.to(device), pos[:, p_len:].to(device)
+        self.cache = None
+        if p_len:
+            with torch.no_grad():
+                self.cache = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
+                                   position_ids=pos[:, :p_len].to(device), use_cache=True).cache
+        first = [len(r.ids) - r.fact for r in self.rows]  # suffix index of the first token after the prompt
+        tr, tc, tt = [], [], []
+        for k, r in enumerate(rw):
+            for j, t in enumerate(r.target or []):
+                tr.append(k)
+                tc.append(first[k] + j)  # suffix index of target token j (predicted from index - 1)
+                tt.append(t)
+        self.tok_rows = torch.tensor(tr, device=device)
+        self.tok_cols = torch.tensor(tc, device=device)
+        self.tok_ids = torch.tensor(tt, device=device)
+        self.tok_len = torch.tensor([len(r.target or []) for r in rw], device=device, dtype=torch.float32)
+        self.kl_cols = torch.tensor([first[self.n_rewrite + i] - 1 for i in range(len(kl))], device=device)  # last token
+        self.row_slot = torch.tensor([slot[r.request] for r in self.rows], device=device)  # (n,) index into active
+
+    def forward(self, model: nn.Module, block: str, delta_rows: torch.Tensor, capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the target tokens (n_target_tokens,) and of the essence rows' next token
+        (n_kl, V), with ``delta_rows`` (n, d) added at the fact token of block ``block``.
+
+        The LM head runs only on the positions read (a few per row), not on every position."""
+        def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d)
+            capture["h"] = h[:, 0].detach()
+            onehot = torch.zeros(h.shape[1], 1, dtype=h.dtype, device=h.device)
+            onehot[0] = 1.0
+            return h + onehot * delta_rows.to(h.dtype).unsqueeze(1)  # (n, S, d)
+
+        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        with edit_output(model, block, add):
+            hidden = model.base_model(input_ids=self.s_ids, attention_mask=self.mask, position_ids=self.s_pos,
+                                      cache=cache, use_cache=cache is not None).last_hidden_state  # (n, S, d)
+        nr = self.n_rewrite
+        picked = torch.cat([hidden[self.tok_rows, self.tok_cols - 1],  # the position before each target token
+                            hidden[nr + torch.arange(len(self.kl_cols), device=hidden.device), self.kl_cols]])  # (m, d)
+        logp = torch.log_softmax(_lm_head(model, picked), dim=-1)  # (m, V)
+        n_tok = len(self.tok_ids)
+        return logp[torch.arange(n_tok, device=logp.device), self.tok_ids], logp[n_tok:]
+
+
+def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Logits (m, V) float32 from final hidden states (m, d), with Gemma-style soft-capping."""
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _v_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], fact_token: str) -> list[_VRow]:
+    rows = []
+    for row in rewrite_rows(tok, requests, templates, fact_token):
+        tgt = target_ids(tok, row.ids, row.text, requests[row.request].target_new)
+        rows.append(_VRow(row.ids, row.fact_pos, row.request, tgt))
+    for b, r in enumerate(requests):
+        text = ESSENCE_TEMPLATE.replace("{}", r.subject)
+        ids, pos = fact_position(tok, text, 0, len(r.subject), fact_token)
+        rows.append(_VRow(ids, pos, b, None))
+    return rows
+
+
 def optimize_targets(
     model: nn.Module,
     tok: Any,
@@ -187,93 +291,51 @@ def optimize_targets(
     *,
     show_progress: bool = True,
 ) -> TargetResult:
-    """Optimize one δ per request at the block output of ``layer`` (all requests together)."""
+    """Optimize one δ per request at the block output of ``layer``, all requests together.
+
+    Loss per request: mean target NLL over its templates + kl_factor · KL(p_δ‖p_0) on the essence
+    prompt + v_weight_decay · ‖δ‖/‖h‖²; Adam; ‖δ‖ clamped to clamp_norm_factor · ‖h‖. A request
+    whose NLL falls below ``v_early_stop_nll`` is frozen and its rows leave the batch.
+    """
     t0 = time.perf_counter()
-    arch = get_arch(model)
+    block = get_arch(model).site("block", layer)
     device = next(model.parameters()).device
-    block = arch.site("block", layer)
-    n_t = len(templates)
-    B = len(requests)
+    n_t, B = len(templates), len(requests)
+    rows = _v_rows(tok, requests, templates, hp.fact_token)
 
-    # rows: (request, template) prompts followed by the target tokens, then one essence row per request
-    prompt_rows = rewrite_rows(tok, requests, templates, hp.fact_token)
-    tgt: list[list[int]] = []
-    for row in prompt_rows:
-        tgt.append(target_ids(tok, row.ids, row.text, requests[row.request].target_new))
-    ess: list[PromptRow] = []
-    for b, r in enumerate(requests):
-        text = ESSENCE_TEMPLATE.replace("{}", r.subject)
-        ids, pos = fact_position(tok, text, 0, len(r.subject), hp.fact_token)
-        ess.append(PromptRow(ids, pos, b))
-
-    def build(active: list[int]) -> dict[str, Any]:
-        """Padded batch for the active requests: rewrite rows (prompt+target) then essence rows."""
-        sel = [i for i, row in enumerate(prompt_rows) if row.request in active]
-        seqs = [prompt_rows[i].ids + tgt[i] for i in sel] + [ess[b].ids for b in active]
-        ids, mask, pos = pad_left(seqs, tok.pad_token_id)
-        T = ids.shape[1]
-        n_keep = max(len(tgt[i]) for i in sel) + 1  # logits needed: the last n_keep positions
-        fact = [T - len(s) + (prompt_rows[i].fact_pos if k < len(sel) else ess[active[k - len(sel)]].fact_pos)
-                for k, (s, i) in enumerate(zip(seqs, sel + [-1] * len(active)))]
-        req_of_row = [active.index(prompt_rows[i].request) for i in sel] + list(range(len(active)))
-        # target token j of row k is predicted by logits index (n_keep - 1 - n_k + j)
-        lp_rows, lp_cols, lp_tok, lp_owner = [], [], [], []
-        for k, i in enumerate(sel):
-            n = len(tgt[i])
-            for j, t in enumerate(tgt[i]):
-                lp_rows.append(k)
-                lp_cols.append(n_keep - 1 - n + j)
-                lp_tok.append(t)
-                lp_owner.append(k)
-        return {
-            "ids": ids.to(device), "mask": mask.to(device), "pos": pos.to(device), "n_keep": n_keep,
-            "fact": torch.tensor(fact, device=device), "req": torch.tensor(req_of_row, device=device),
-            "n_rewrite": len(sel), "tok_rows": torch.tensor(lp_rows, device=device),
-            "tok_cols": torch.tensor(lp_cols, device=device), "tok_ids": torch.tensor(lp_tok, device=device),
-            "tok_len": torch.tensor([len(tgt[i]) for i in sel], device=device, dtype=torch.float32),
-            "row_req": torch.tensor([active.index(prompt_rows[i].request) for i in sel], device=device),
-        }
-
-    everyone = list(range(B))
-    batch = build(everyone)
-    with torch.no_grad(), Trace(model, [block], retain_output=True) as tr:
-        out = model(input_ids=batch["ids"], attention_mask=batch["mask"], position_ids=batch["pos"],
-                    use_cache=False, logits_to_keep=1)
-    rix = torch.arange(batch["ids"].shape[0], device=device)
-    h_all = tr.outputs[block][rix, batch["fact"]].float()  # (rows, d)
-    h0 = h_all[: batch["n_rewrite"]].reshape(B, n_t, -1)[:, 0].clone()  # plain prompt: template 0, (B, d)
-    kl_ref = torch.log_softmax(out.logits[batch["n_rewrite"] :, -1].float(), dim=-1)  # (B, V) p_0 of essence
-
-    d = h0.shape[1]
-    delta = torch.zeros(B, d, device=device, dtype=torch.float32, requires_grad=True)  # (B, d)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * h0.norm(dim=1)  # (B,)
-    h0_sq = h0.norm(dim=1) ** 2  # (B,)
-    active = everyone[:]
+    active = list(range(B))
+    batch = _VBatch(model, rows, active, tok.pad_token_id, device)
+    delta: torch.Tensor | None = None  # (B, d) once h0 is known
+    h0 = kl_ref = None
+    opt = None
     final_nll = [float("nan")] * B
     steps = [0] * B
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
         p.requires_grad_(False)  # only δ is optimized; restored below
-    built_for = list(active)
     bar = progress(total=hp.v_num_grad_steps, desc=f"v* ({B} requests)", unit="step", disable=None if show_progress else True)
     try:
         for step in range(hp.v_num_grad_steps):
-            if active != built_for:  # drop finished requests' rows from the batch
-                batch, built_for = build(active), list(active)
+            if batch.active != active:  # drop finished requests' rows from the batch
+                batch = _VBatch(model, rows, active, tok.pad_token_id, device)
             act = torch.tensor(active, device=device)
+            capture: dict[str, torch.Tensor] = {}
+            if delta is None:  # first step: δ = 0, read h0 and p_0 from this same forward
+                with torch.no_grad():
+                    _, kl0 = batch.forward(model, block, torch.zeros(1, 1, device=device), capture)
+                # rows are request-major with template 0 (the plain prompt) first: row b·n_t is request b's
+                h0 = capture["h"].float()[torch.arange(B, device=device) * n_t]  # (B, d)
+                kl_ref = kl0  # (B, V) log p_0 of the essence prompts' next token
+                delta = torch.zeros(B, h0.shape[1], device=device, requires_grad=True)
+                opt = torch.optim.Adam([delta], lr=hp.v_lr)
+                max_norm = hp.clamp_norm_factor * h0.norm(dim=1)  # (B,)
+                h0_sq = h0.norm(dim=1) ** 2  # (B,)
             d_act = delta[act]  # (A, d)
-            fn = add_at_positions(d_act[batch["req"]], batch["fact"])
-            with edit_output(model, block, fn):
-                logits = model(input_ids=batch["ids"], attention_mask=batch["mask"], position_ids=batch["pos"],
-                               use_cache=False, logits_to_keep=batch["n_keep"]).logits.float()  # (rows, n_keep, V)
-            nr = batch["n_rewrite"]
-            logp = torch.log_softmax(logits[:nr], dim=-1)  # (nr, n_keep, V)
-            tok_lp = logp[batch["tok_rows"], batch["tok_cols"], batch["tok_ids"]]  # (n_target_tokens,)
-            row_nll = torch.zeros(nr, device=device).index_add(0, batch["tok_rows"], -tok_lp) / batch["tok_len"]  # (nr,)
+            tok_lp, kl_lp = batch.forward(model, block, d_act[batch.row_slot], capture)  # (n_tok,), (A, V)
+            nr = batch.n_rewrite
+            row_nll = torch.zeros(nr, device=device).index_add(0, batch.tok_rows, -tok_lp) / batch.tok_len  # (nr,)
             A = len(active)
-            nll = torch.zeros(A, device=device).index_add(0, batch["row_req"], row_nll) / n_t  # (A,)
-            kl_lp = torch.log_softmax(logits[nr:, -1], dim=-1)  # (A, V)
+            nll = torch.zeros(A, device=device).index_add(0, batch.row_slot[:nr], row_nll) / n_t  # (A,)
             kl = F.kl_div(kl_ref[act], kl_lp, log_target=True, reduction="none").sum(-1)  # KL(p_δ‖p_0): (A,)
             # the research code's form ‖δ‖ / ‖h‖² (not squared), which the published v_weight_decay values assume
             wd = hp.v_weight_decay * d_act.norm(dim=1) / h0_sq[act]  # (A,)
@@ -284,8 +346,8 @@ def optimize_targets(
                 steps[b] = step
             done = [b for a, b in enumerate(active) if nll_now[a] < hp.v_early_stop_nll]
             bar.update(1)
-            bar.set_postfix(active=len(active), nll=f"{float(nll.mean()):.3f}")
-            if len(done) == len(active):
+            bar.set_postfix(active=A, nll=f"{sum(nll_now) / A:.3f}")
+            if len(done) == A or step == hp.v_num_grad_steps - 1:
                 break
             opt.zero_grad()
             loss_each.sum().backward()
@@ -305,6 +367,7 @@ def optimize_targets(
         bar.close()
         for p, flag in grad_flags:
             p.requires_grad_(flag)
+    assert delta is not None and h0 is not None
     if not torch.isfinite(delta).all():
         raise EditError("v* optimization produced NaN/inf: lower v_lr or check the model")
     seconds = time.perf_counter() - t0
