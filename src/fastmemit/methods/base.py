@@ -39,14 +39,18 @@ class EditMethod:
             raise EditError(f"{self.name} edits exactly one layer; hparams.layers = {hp.layers}")
 
     def preserved_matrix(self, hp: EditHparams, mom2: torch.Tensor) -> torch.Tensor:
-        """C = λ·E[k kᵀ] (identity when mom2_adjustment is off), float64 (d_k, d_k)."""
+        """C = λ·E[k kᵀ] + ε·I (E[k kᵀ] → I when mom2_adjustment is off), float64 (d_k, d_k)."""
+        eye = torch.eye(mom2.shape[0], dtype=torch.float64, device=mom2.device)
         if not hp.mom2_adjustment or hp.identity_cov:
-            return torch.eye(mom2.shape[0], dtype=torch.float64, device=mom2.device)
-        return hp.mom2_update_weight * mom2.to(torch.float64)
+            C = hp.mom2_update_weight * eye if self.name != "ROME" else eye
+        else:
+            C = hp.mom2_update_weight * mom2.to(torch.float64)
+        return C + hp.update_norm_lambda * eye if hp.update_norm_lambda else C
 
     def factor_key(self, hp: EditHparams) -> dict[str, Any]:
         """The hparams the factor of C depends on (part of its cache key)."""
-        return {"adjust": hp.mom2_adjustment and not hp.identity_cov, "lambda": hp.mom2_update_weight}
+        return {"adjust": hp.mom2_adjustment and not hp.identity_cov, "lambda": hp.mom2_update_weight,
+                "eps": hp.update_norm_lambda}
 
     def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

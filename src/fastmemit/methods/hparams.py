@@ -44,6 +44,8 @@ class EditHparams:
     mom2_adjustment: bool = _help("use C0 (False: identity, i.e. plain least squares)", True)
     mom2_update_weight: float = _help("λ: weight of the preserved keys' second moment", 15000.0)
     mom2_dataset: str = _help("research-code name of the statistics corpus ('wikipedia' → our default corpus)", "wikipedia")
+    update_norm_lambda: float = _help("ε added to λC0 as ε·I (FastMEMIT's fix for C0 from few keys)", 0.0)
+    emmet_lambda: float = _help("EMMET: ridge μ on the B×B system (0: exact equality constraints); unused elsewhere", 0.1)
     mom2_n_samples: int = _help("classic MEMIT count: number of keys (tokens) for C0 when dynamic is false", 100000)
     mom2_dtype: str = _help("research-code field; our statistics always accumulate in float64", "float32")
     dynamic: bool = _help("FastMEMIT: C0 from dynamic_multiplier × d_k keys instead of mom2_n_samples", False)
@@ -86,7 +88,7 @@ class EditHparams:
         for name in ("v_lr", "clamp_norm_factor", "dynamic_multiplier"):
             if not getattr(self, name) > 0:
                 raise EditError(f"hparams.{name} must be positive, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_norm_lambda", "emmet_lambda"):
             if getattr(self, name) < 0:
                 raise EditError(f"hparams.{name} must be non-negative, got {getattr(self, name)}")
         for name in ("skill_preservation", "random_vector_preservation"):
