@@ -28,7 +28,7 @@ from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError, Stat
 from fastmemit.keys_values import context_templates, keys_and_outputs, optimize_targets, rewrite_rows
 from fastmemit.linalg import FactoredCov
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
-from fastmemit.models.arch import check_layers, get_arch, mlp_down_weight
+from fastmemit.models.arch import check_layers, get_arch, mlp_down_weight, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
 from fastmemit.stats.cache import entry_path, load_entry, save_entry, stats_dir
@@ -114,6 +114,11 @@ class Editor:
             raise
         except ValueError as e:  # a FastMemitError, so that the CLI reports it instead of a traceback
             raise EditError(f"hparams.layers: {e}") from None
+        if max(self.hp.layers) == num_layers(model) - 1 and self.hp.fact_token != "last":
+            raise EditError(
+                f"hparams.layers ends at the model's final layer ({max(self.hp.layers)}): a change at the subject "
+                "token there cannot reach the later target tokens; edit earlier layers"
+            )
         self.arch = get_arch(model)
         self.corpus = corpus if corpus is not None else self.hp.stats_corpus
         self.stats_cache_dir = stats_cache_dir
