@@ -27,7 +27,7 @@ from torch import nn
 
 from fastmemit.errors import EditError
 from fastmemit.hooks import Trace, edit_output
-from fastmemit.models.arch import get_arch
+from fastmemit.models.arch import get_arch, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
 from fastmemit.utils import cache_dir, logger, progress, write_json_atomic
@@ -152,12 +152,15 @@ def keys_and_outputs(
     arch = get_arch(model)
     device = next(model.parameters()).device
     k_name, h_name = arch.site("mlp_down", key_layer), arch.site("block", out_layer)
+    names = [k_name, h_name]
+    if out_layer + 1 < num_layers(model):  # nothing after out_layer is needed: stop at the next block
+        names.append(arch.site("block", out_layer + 1))
     keys, outs = [], []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]
         ids, mask, pos = pad_left([r.ids for r in chunk], 0)
         fact = torch.tensor([ids.shape[1] - len(r.ids) + r.fact_pos for r in chunk])  # padded coordinates
-        with Trace(model, [k_name, h_name], retain_input=True, retain_output=True) as tr:
+        with Trace(model, names, retain_input=True, retain_output=True, stop=len(names) == 3) as tr:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                   use_cache=False, logits_to_keep=1)
         rix = torch.arange(len(chunk))
