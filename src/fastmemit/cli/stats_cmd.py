@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from fastmemit.cli.common import add_model_arguments, parse_layers
 
@@ -36,11 +37,15 @@ def run(args: argparse.Namespace) -> int:
     dm = args.dynamic_multiplier
     if dm is None and args.n_tokens is None:
         dm = 10.0
-    stats = compute_layer_stats(
-        model, tok, args.layers, args.corpus, n_keys=args.n_tokens, dynamic_multiplier=dm,
-        batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-        cache=not args.no_cache, cache_dir=args.cache_dir,
-    )
+    try:
+        stats = compute_layer_stats(
+            model, tok, args.layers, args.corpus, n_keys=args.n_tokens, dynamic_multiplier=dm,
+            batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+            cache=not args.no_cache, cache_dir=args.cache_dir,
+        )
+    except ValueError as e:  # bad settings for this model (layer range, counts, sizes): a usage error
+        print(f"fastmemit {NAME}: error: {e}", file=sys.stderr)
+        return 2
     rows = [s.summary() for s in stats.values()]
     if args.json:
         for r in rows:

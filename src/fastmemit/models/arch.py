@@ -79,6 +79,17 @@ _LLAMA_LIKE = dict(
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
+def _neox_lm_head() -> str:
+    # transformers 5 renamed GPTNeoXForCausalLM.embed_out to lm_head (read the version, not the package)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major = int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return "lm_head"
+    return "lm_head" if major >= 5 else "embed_out"
+
+
 def register_architecture(spec: ArchSpec, *, overwrite: bool = False) -> None:
     """Add (or with ``overwrite=True`` replace) the spec for each of ``spec.model_types``."""
     for mt in spec.model_types:
@@ -115,7 +126,7 @@ for _spec in (
         layers="gpt_neox.layers",
         mlp_down="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head=_neox_lm_head(),
         embed="gpt_neox.embed_in",
     ),
     ArchSpec(model_types=("llama", "mistral", "qwen2", "qwen3"), **_LLAMA_LIKE),
