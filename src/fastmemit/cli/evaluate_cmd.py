@@ -1,0 +1,205 @@
+"""`fastmemit evaluate`: edit a dataset's cases batch after batch and score them (resumable runs)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastmemit.cli.common import parse_bool
+
+NAME = "evaluate"
+HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --num_edits and score them before and "
+        "after; sequential by default (edits accumulate; --sequential false restores the model after each batch); "
+        "resumable: rerun the same command (same --out) after an interruption")
+
+# flags whose value is a RunConfig field of the same name (dest), with their argparse type
+_BOOL = "bool"
+
+
+def _flag(p: argparse.ArgumentParser | Any, name: str, kind: Any = str, help: str = "", **kw: Any) -> None:
+    """Add ``--name`` and ``--na-me`` (when different); booleans take an optional true/false value."""
+    forms = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    if kind == _BOOL:
+        p.add_argument(*forms, dest=name, nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL",
+                       help=help, **kw)
+    else:
+        p.add_argument(*forms, dest=name, type=kind, default=None, help=help, **kw)
+
+
+def _default(field: str) -> Any:
+    from fastmemit.eval.runner import RunConfig
+
+    return next(f.default for f in dataclasses.fields(RunConfig) if f.name == field)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = _default
+    g = p.add_argument_group("what to run (the seed's flag names; dash forms accepted too)")
+    _flag(g, "alg_name", help=f"editing method: ROME, MEMIT, EMMET, AlphaEdit (default {d('alg_name')})")
+    _flag(g, "model_name", help=f"model alias, local folder or hub id (default {d('model_name')})")
+    _flag(g, "hparams_fname", help="hparams JSON file or built-in name (default: the built-in for method and model)")
+    _flag(g, "ds_name", help="cf (CounterFact), mcf (multi-CounterFact) or zsre (default cf)",
+          choices=["cf", "counterfact", "mcf", "multi_counterfact", "zsre"])
+    _flag(g, "data", help="dataset file (default: the published file in the download cache, see --download)")
+    _flag(g, "download", _BOOL, help="download the published dataset when --data is not given (default false)")
+    _flag(g, "dataset_size_limit", int, help="use at most N cases (after ordering)")
+    _flag(g, "sample_num", int, help="seed ordering K of the case ids (seed-samples file); default: file order")
+    _flag(g, "seed_samples", help="seed-samples file or folder (default: seed-samples/ beside --data, or the cache)")
+    _flag(g, "num_edits", int, help=f"batch size: cases edited together (default {d('num_edits')})")
+    _flag(g, "sequential", _BOOL, help="true (default): edits accumulate over batches; false: batched, the "
+                                       "model is restored after every batch")
+    _flag(g, "seed", int, help="seeds context templates, the statistics corpus shuffle, torch's RNG (default 0)")
+    _flag(g, "corpus", help="statistics corpus (default: hparams.stats_corpus or the offline default)")
+    _flag(g, "dtype", help="model dtype (default float32)")
+
+    h = p.add_argument_group("hparams overrides")
+    _flag(h, "recompute_stats", _BOOL, help="recompute the statistics on the edited model before every batch")
+    _flag(h, "dynamic_multiplier", float, help="FastMEMIT: statistics from this many × d_k keys")
+    h.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override one hparams field, e.g. --set mom2_update_weight=1e4 (repeatable)")
+
+    e = p.add_argument_group("evaluation")
+    _flag(e, "skip_generation_tests", _BOOL, help="no generation (fluency, consistency) tests (default false)")
+    _flag(e, "generation_test_interval", int, help="generation tests for every K-th case; K ≤ 0: none (default 1)")
+    _flag(e, "consistency_dir", help="folder of attribute_snippets.json, idf.npy, tfidf_vocab.json "
+                                     "(default: beside --data when present)")
+    _flag(e, "final_eval", _BOOL, help="sequential runs: score all cases again on the final model (default true)")
+    _flag(e, "eval_batch_size", int, help="scored (prompt, target) pairs per forward pass (default 32)")
+    _flag(e, "eval_chunk", int, help="cases per pre/final scoring chunk, the unit written and resumed (default 100)")
+
+    ds = p.add_argument_group("downstream checks (before the first edit and every K batches)")
+    _flag(ds, "do_downstream_eval", _BOOL, help="run few-shot downstream checks (default false)")
+    _flag(ds, "downstream_eval_steps", int, help="K: a check after every K batches and after the last (default 1)")
+    _flag(ds, "downstream_tasks", help=f"comma list (default {d('downstream_tasks')})")
+    _flag(ds, "number_of_few_shots", help="comma list, one shot count per task (default 0 for all)")
+    _flag(ds, "number_of_tests", int, help="test items per task (default: all)")
+    _flag(ds, "downstream_data_dir", help="folder of <task>.jsonl (default: the downstream default)")
+
+    r = p.add_argument_group("run folder, resuming, saving (may change when resuming)")
+    r.add_argument("--out", "--run_dir", "--run-dir", dest="out", default=None,
+                   help="run folder (default: results/<ALG>/run_NNN); an existing run folder with the same "
+                        "configuration is resumed, one with another configuration is refused")
+    r.add_argument("--continue_from_run", "--continue-from-run", dest="continue_from_run", default=None,
+                   metavar="RUN", help="resume the run in RUN (a folder, or run_NNN under results/<ALG>) with its "
+                                       "stored settings; flags that contradict them are refused")
+    r.add_argument("--config", default=None, help="take the settings from a run's config.json (reproduce a run); "
+                                                  "other flags override them")
+    _flag(r, "device", help="torch device (default cpu)")
+    _flag(r, "use_cache", _BOOL, help="disk caches of statistics and context templates (default true)")
+    _flag(r, "stats_cache_dir", help="statistics cache folder")
+    _flag(r, "conserve_memory", _BOOL, help="no shared z* cache; free accelerator memory between batches")
+    _flag(r, "checkpoint_interval", int, help="sequential: checkpoint the edited model every K batches; a "
+                                              "restart redoes the batches after the last checkpoint (default 1)")
+    _flag(r, "save_model", _BOOL, help="save deltas (or the model) every --save_model_interval batches")
+    _flag(r, "save_model_interval", int, help="K for --save_model (default 1)")
+    _flag(r, "save_model_location", help="where --save_model writes (default RUN_DIR/models)")
+    _flag(r, "save_model_format", help="deltas (safetensors; sequential: cumulative) or full (save_pretrained)",
+          choices=["deltas", "full"])
+    _flag(r, "plots", _BOOL, help="write RUN_DIR/plots/*.png at the end (default true)")
+    r.add_argument("--json", action="store_true", help="print summary.json instead of a table")
+
+
+def _config_fields() -> set[str]:
+    from fastmemit.eval.runner import RunConfig
+
+    return {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from fastmemit.errors import EditError
+
+    out: dict[str, Any] = {}
+    if args.recompute_stats is not None:
+        out["recompute_stats"] = args.recompute_stats
+    if args.dynamic_multiplier is not None:
+        out["dynamic_multiplier"] = args.dynamic_multiplier
+    for s in args.set:
+        if "=" not in s:
+            raise EditError(f"--set expects FIELD=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _continue_dir(spec: str, alg: str | None) -> Path:
+    from fastmemit.eval.runner import RunError
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    cands = [Path("results") / alg / spec] if alg else sorted(Path("results").glob(f"*/{spec}"))
+    cands = [c for c in cands if c.is_dir()]
+    if len(cands) != 1:
+        raise RunError(f"--continue_from_run {spec!r}: no such run folder" + (
+            f" (several under results/: {', '.join(map(str, cands))}; give the folder)" if cands else ""))
+    return cands[0]
+
+
+def build_config(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The RunConfig and run folder that the flags describe (stored settings first when resuming)."""
+    from fastmemit.eval.runner import RUNTIME_FIELDS, RunConfig, RunError, default_run_dir
+
+    fields = _config_fields()
+    explicit = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for k in ("data", "seed_samples", "consistency_dir", "downstream_data_dir", "hparams_fname"):
+        # paths as the run stores them (absolute), so that a resume from another folder compares equal
+        if k in explicit and (k != "hparams_fname" or Path(explicit[k]).expanduser().exists()):
+            explicit[k] = str(Path(explicit[k]).expanduser().resolve())
+    overrides = _overrides(args)
+    run_dir: Path | None = None
+    if args.continue_from_run is not None:
+        run_dir = _continue_dir(args.continue_from_run, explicit.get("alg_name"))
+        base = RunConfig.from_json(run_dir / "config.json").to_dict()
+        conflicts = [f"--{k} {v!r} (run: {base[k]!r})" for k, v in explicit.items()
+                     if k not in RUNTIME_FIELDS and base[k] != v]
+        conflicts += [f"hparams {k}={v!r} (run: {base['hparams_overrides'].get(k)!r})" for k, v in overrides.items()
+                      if base["hparams_overrides"].get(k) != v]
+        if args.out is not None and Path(args.out).expanduser().resolve() != run_dir.resolve():
+            conflicts.append(f"--out {args.out} (the run is {run_dir})")
+        if conflicts:
+            raise RunError(f"--continue_from_run {run_dir}: these flags contradict the run's settings: "
+                           f"{'; '.join(conflicts)}. Drop them, or start a new run with another --out")
+    elif args.config is not None:
+        base = RunConfig.from_json(args.config).to_dict()
+    else:
+        base = RunConfig().to_dict()
+    base.update(explicit)
+    if overrides:
+        base["hparams_overrides"] = {**base["hparams_overrides"], **overrides}
+    cfg = RunConfig.from_dict(base)
+    if run_dir is None:
+        run_dir = Path(args.out).expanduser() if args.out is not None else default_run_dir(cfg.alg_name)
+    return cfg, run_dir
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastmemit.eval.runner import run_evaluation
+
+    cfg, run_dir = build_config(args)
+    argv = sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else None
+    result = run_evaluation(cfg, run_dir, command=["fastmemit", NAME, *argv] if argv is not None else None)
+    s = result.summary
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    keys = ("efficacy", "generalization", "specificity") if "efficacy" in s.get("post", {}) else ("es", "ps", "ns", "score")
+    print(f"{s['method']} {s['mode']} ×{s['num_edits']} on {s['n_cases']} cases ({s['hparams_label']}) → {run_dir}")
+    blocks = [b for b in ("pre", "post", "final") if s.get(b)]
+    print(f"{'':<8}" + "".join(f"{k:>10}" for k in keys))
+    for b in blocks:
+        print(f"{b:<8}" + "".join(f"{_fmt(s[b].get(k)):>10}" for k in keys))
+    t = s["time_seconds"]
+    print("time: " + ", ".join(f"{k} {t[k]:.1f}s" for k in ("stats", "v", "solve", "eval", "downstream")) +
+          (f"; {s['edits_per_second']:.2f} edits/s" if s.get("edits_per_second") else ""))
+    return 0
