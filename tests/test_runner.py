@@ -319,12 +319,22 @@ def test_dataset_size_limit_and_seed_orderings_select_cases(files):
         load_cases(config(files, sample_num=0, seed_samples=str(files["data"] / "nowhere")))
 
 
-def test_zsre_runs_end_to_end(files, tokenizer, work):
-    res = run_evaluation(config(files, ds_name="zsre", data=str(files["zsre"]), num_edits=2), work / "zsre",
-                         model=fresh_model(tokenizer), tok=tokenizer)
+def test_zsre_runs_end_to_end_and_resumes_with_its_stored_hparams(files, tokenizer, work):
+    hp = work / "zsre-hparams.json"
+    hp.write_text(json.dumps(HPARAMS))
+    cfg = config(files, ds_name="zsre", data=str(files["zsre"]), num_edits=2, hparams_fname=str(hp))
+    res = run_evaluation(cfg, work / "zsre", model=fresh_model(tokenizer), tok=tokenizer)
     s = res.summary
     assert s["n_cases"] == 4 and s["batches_done"] == 2
     assert {"efficacy", "generalization", "specificity"} <= s["post"].keys() <= s["final"].keys() | {"n_cases"}
+    # the hparams file changes after the run: a plain restart is refused, continue_run uses the stored values
+    hp.write_text(json.dumps({**HPARAMS, "v_lr": 0.1}))
+    with pytest.raises(RunError, match=r"hparams.v_lr: 0.5 → 0.1"):
+        run_evaluation(cfg, work / "zsre", model=fresh_model(tokenizer), tok=tokenizer)
+    again = run_evaluation(cfg, work / "zsre", model=fresh_model(tokenizer), tok=tokenizer, continue_run=True)
+    assert again.summary["post"] == s["post"]
+    with pytest.raises(RunError, match="no run to continue"):
+        run_evaluation(cfg, work / "nothing-here", model=fresh_model(tokenizer), tok=tokenizer, continue_run=True)
 
 
 def test_generation_tests_every_kth_case(files, tokenizer, work):

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "configuration is resumed, one with another configuration is refused")
     r.add_argument("--continue_from_run", "--continue-from-run", dest="continue_from_run", default=None,
                    metavar="RUN", help="resume the run in RUN (a folder, or run_NNN under results/<ALG>) with its "
-                                       "stored settings; flags that contradict them are refused")
+                                       "stored settings and hparams; flags that contradict them are refused")
     r.add_argument("--config", default=None, help="take the settings from a run's config.json (reproduce a run); "
                                                   "other flags override them")
     _flag(r, "device", help="torch device (default cpu)")
@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, run_dir = build_config(args)
     argv = sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else None
-    result = run_evaluation(cfg, run_dir, command=["fastmemit", NAME, *argv] if argv is not None else None)
+    result = run_evaluation(cfg, run_dir, command=["fastmemit", NAME, *argv] if argv is not None else None,
+                            continue_run=args.continue_from_run is not None)
     s = result.summary
     if args.json:
         print(json.dumps(s, indent=2))

@@ -67,17 +67,6 @@ DATASETS: dict[str, tuple[str, str]] = {
 
 ALL_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu,nli,sentiment_analysis,dialogue"
 
-# Provisional hparams for models without a built-in file yet. smollm2-135m: a colleague's EMMET
-# values while its sweep is running (ES 100, PS 70, NS 90 on 10 CounterFact facts); used only when
-# hparams/<METHOD>/smollm2-135m.json does not exist, with a warning, and recorded in config.json.
-PROVISIONAL_HPARAMS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {
-        "layers": [4, 5, 6, 7, 8], "v_num_grad_steps": 25, "v_lr": 0.5, "clamp_norm_factor": 0.75,
-        "mom2_update_weight": 10000, "dynamic": True, "dynamic_multiplier": 10, "emmet_lambda": 0.1,
-        "update_norm_lambda": 0, "context_template_length_params": [[10, 5]],
-    },
-}
-
 # Method state that is derived from the statistics and rebuilt on demand (AlphaEdit's projector):
 # not worth writing into every checkpoint.
 DERIVED_STATE = frozenset({"P"})
@@ -364,7 +353,7 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
 
 def resolve_run_hparams(method: Any, cfg: RunConfig, model: nn.Module) -> tuple[Any, str]:
     """(hparams, source): ``cfg.hparams_fname`` (file or built-in name), else the built-in for the
-    model, else :data:`PROVISIONAL_HPARAMS`; then ``cfg.hparams_overrides``."""
+    model; then ``cfg.hparams_overrides``."""
     from fastmemit.editing import resolve_hparams
     from fastmemit.hparams_registry import model_key
 
@@ -373,20 +362,8 @@ def resolve_run_hparams(method: Any, cfg: RunConfig, model: nn.Module) -> tuple[
         hp = resolve_hparams(method, str(p.resolve()) if p.exists() else cfg.hparams_fname, model)
         source = str(p.resolve()) if p.exists() else f"built-in {cfg.hparams_fname}"
     else:
-        try:
-            hp = resolve_hparams(method, None, model)
-            source = f"built-in {method.name}/{model_key(model)}"
-        except EditError:
-            key = model_key(model)
-            if key not in PROVISIONAL_HPARAMS:
-                raise
-            values = dict(PROVISIONAL_HPARAMS[key])
-            if method.single_layer:
-                values["layers"] = values["layers"][-1:]
-            names = {f.name for f in dataclasses.fields(method.hparams_cls)}
-            hp = method.hparams_cls.from_dict({k: v for k, v in values.items() if k in names})
-            source = f"provisional {key} values in fastmemit.eval.runner (no built-in {method.name} file yet)"
-            logger.warning("no built-in %s hparams for %s: using the %s", method.name, key, source)
+        hp = resolve_hparams(method, None, model)
+        source = f"built-in {method.name}/{model_key(model)}"
     if cfg.hparams_overrides:
         hp = hp.replace(**cfg.hparams_overrides)
     return hp, source
@@ -434,6 +411,7 @@ def run_evaluation(
     target_cache: dict[Any, Any] | None = None,
     on_event: Event | None = None,
     command: Sequence[str] | None = None,
+    continue_run: bool = False,
 ) -> RunResult:
     """Run (or resume) the evaluation ``cfg`` in ``out_dir``; returns the summary.
 
@@ -442,15 +420,18 @@ def run_evaluation(
     sequential runs leave it edited with all the run's edits (restored to the original weights if
     the run is interrupted). ``target_cache``: a z* cache shared between batched runs on the same
     model. ``on_event(name, batch)`` is called at "batch_written" and "checkpoint_written" (tests use
-    it to interrupt a run at a chosen point).
+    it to interrupt a run at a chosen point). ``continue_run``: ``out_dir`` must hold a run, whose
+    stored hparams are used as they are (not resolved again: a built-in file may have changed since).
     """
-    return _Run(cfg, Path(out_dir), model, tok, target_cache, on_event, command).run()
+    return _Run(cfg, Path(out_dir), model, tok, target_cache, on_event, command, continue_run).run()
 
 
 class _Run:
     def __init__(self, cfg: RunConfig, run_dir: Path, model: nn.Module | None, tok: Any,
-                 target_cache: dict[Any, Any] | None, on_event: Event | None, command: Sequence[str] | None) -> None:
+                 target_cache: dict[Any, Any] | None, on_event: Event | None, command: Sequence[str] | None,
+                 continue_run: bool = False) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.continue_run = continue_run
         self.model, self.tok = model, tok
         self.target_cache = target_cache
         self.on_event = on_event or (lambda name, batch: None)
@@ -484,7 +465,12 @@ class _Run:
         elif self.tok is None:
             raise RunError("a model was passed without its tokenizer")
         self.model.eval()
-        self.hp, self.hp_source = resolve_run_hparams(self.method, cfg, self.model)
+        if self.continue_run:
+            stored = self._stored_config()
+            self.hp = self.method.hparams_cls.from_dict(stored.get("hparams") or {}, source=f"{self.run_dir}/config.json")
+            self.hp_source = stored.get("hparams_source", "stored")
+        else:
+            self.hp, self.hp_source = resolve_run_hparams(self.method, cfg, self.model)
         from fastmemit.models.arch import check_layers
 
         try:
@@ -497,6 +483,15 @@ class _Run:
         m = cfg.eval_chunk
         self.chunks = [list(range(s, min(s + m, len(self.cases)))) for s in range(0, len(self.cases), m)]
         self.config_json = self._config_json()
+
+    def _stored_config(self) -> dict[str, Any]:
+        path = self.run_dir / "config.json"
+        if not path.is_file():
+            raise RunError(f"{self.run_dir} holds no run to continue (no config.json)")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{path} is not valid JSON ({e.msg}); remove the folder or choose another --out") from None
 
     def _load_consistency(self) -> None:
         folder = Path(self.cfg.consistency_dir).expanduser() if self.cfg.consistency_dir else (
@@ -539,10 +534,7 @@ class _Run:
     def _open_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.json"
         if cfg_path.is_file():
-            try:
-                old = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise RunError(f"{cfg_path} is not valid JSON ({e.msg}); remove the folder or choose another --out") from None
+            old = self._stored_config()
             diffs = _differences(identity(old), identity(self.config_json))
             if diffs:
                 raise RunError(
