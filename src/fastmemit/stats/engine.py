@@ -10,6 +10,7 @@ the requested number of keys: ``ceil(dynamic_multiplier × d_k)`` (FastMEMIT) or
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,10 +67,15 @@ class LayerStats:
         }
 
 
+ALL_KEYS = -1  # n_keys value meaning "every token of the corpus" (classic full statistics)
+
+
 def resolve_count(d_k: int, n_keys: int | None = None, dynamic_multiplier: float | None = None) -> int:
-    """Number of keys to sum: explicit ``n_keys`` or ``ceil(dynamic_multiplier × d_k)``."""
+    """Number of keys to sum: explicit ``n_keys``, ``ceil(dynamic_multiplier × d_k)``, or ALL_KEYS."""
     if (n_keys is None) == (dynamic_multiplier is None):
         raise ValueError("give exactly one of n_keys and dynamic_multiplier")
+    if n_keys == ALL_KEYS:
+        return ALL_KEYS
     if n_keys is not None:
         if int(n_keys) <= 0:
             raise ValueError(f"n_keys must be positive, got {n_keys}")
@@ -134,7 +140,7 @@ def padded_batches(chunks: Iterator[list[int]], batch_size: int, pad_id: int) ->
         yield make()
 
 
-def stats_key(model_fp: str, site: str, corpus_id: str, count: int, seq_len: int, seed: int | None,
+def stats_key(model_fp: str, site: str, corpus_id: str, count: int | str, seq_len: int, seed: int | None,
               model_dtype: torch.dtype, acc_dtype: torch.dtype) -> dict[str, Any]:
     return {
         "model": model_fp,
@@ -166,7 +172,8 @@ def compute_layer_stats(
 ) -> dict[int, LayerStats]:
     """E[k kᵀ] for the edited matrix of each layer in ``layers``, from one pass over ``corpus``.
 
-    Exactly one of ``n_keys`` / ``dynamic_multiplier`` sets the count. Layers found in the cache
+    Exactly one of ``n_keys`` / ``dynamic_multiplier`` sets the count; ``n_keys=ALL_KEYS`` (-1)
+    streams the whole corpus (its cache entry is keyed "all"). Layers found in the cache
     are loaded; the others are computed together in one truncated forward stream.
     """
     if accumulate_dtype not in _DTYPES:
@@ -187,7 +194,8 @@ def compute_layer_stats(
     keys: dict[int, dict[str, Any]] = {}
     for layer in layers:
         site = arch.site("mlp_down", layer)
-        keys[layer] = stats_key(fp, site, source.identity, count, seq_len, seed, param.dtype, acc_dtype)
+        keys[layer] = stats_key(fp, site, source.identity, "all" if count == ALL_KEYS else count, seq_len, seed,
+                                param.dtype, acc_dtype)
         if cache:
             t0 = time.perf_counter()
             path = entry_path(root, keys[layer])
@@ -252,9 +260,12 @@ def _stream_stats(
     seen = 0
     tokens_run = 0
     t0 = time.perf_counter()
+    read_all = count == ALL_KEYS
+    if read_all:
+        count = sys.maxsize
     docs = shuffled(iter(source), seed)
     batches = padded_batches(token_chunks(tok, docs, seq_len), batch_size, tok.pad_token_id)
-    bar = progress(total=count, desc=f"stats layers {layers}", unit="key", disable=None if show_progress else True)
+    bar = progress(total=None if read_all else count, desc=f"stats layers {layers}", unit="key", disable=None if show_progress else True)
     was_training = model.training
     model.eval()
     try:
@@ -277,7 +288,7 @@ def _stream_stats(
         model.train(was_training)
     if seen == 0:
         raise CorpusError(f"corpus {source.identity!r} yielded no tokens")
-    if seen < count:
+    if seen < count and not read_all:
         raise CorpusError(
             f"corpus {source.identity!r} has only {seen} keys (tokens) but {count} were requested; "
             "use a larger corpus or a smaller count / dynamic_multiplier"
