@@ -82,9 +82,9 @@ def main() -> None:
     for method in args.methods.split(","):
         base = builtin_hparams(method, model)
         # every token of the sample: the engine stops at the corpus end when n_keys is "all"
-        full_keys = compute_layer_stats(model, tok, base.layers[:1], corpus, n_keys=-1, show_progress=False)
+        full_keys = compute_layer_stats(model, tok, base.layers, corpus, n_keys=-1, show_progress=False)
         n_full = next(iter(full_keys.values())).count
-        settings = [("full", {"dynamic": False, "mom2_n_samples": n_full})]
+        settings = [("full", {"dynamic": False, "mom2_n_samples": -1})]
         settings += [(f"dm={m}", {"dynamic": True, "dynamic_multiplier": float(m)}) for m in args.multipliers.split(",")]
         for label, over in settings:
             hp = base.replace(**over)

@@ -46,7 +46,7 @@ class EditHparams:
     mom2_dataset: str = _help("research-code name of the statistics corpus ('wikipedia' → our default corpus)", "wikipedia")
     update_norm_lambda: float = _help("ε added to λC0 as ε·I (FastMEMIT's fix for C0 from few keys)", 0.0)
     emmet_lambda: float = _help("EMMET: ridge μ on the B×B system (0: exact equality constraints); unused elsewhere", 0.1)
-    mom2_n_samples: int = _help("classic MEMIT count: number of keys (tokens) for C0 when dynamic is false", 100000)
+    mom2_n_samples: int = _help("classic MEMIT count: number of keys (tokens) for C0 when dynamic is false; -1: the whole corpus", 100000)
     mom2_dtype: str = _help("research-code field; our statistics always accumulate in float64", "float32")
     dynamic: bool = _help("FastMEMIT: C0 from dynamic_multiplier × d_k keys instead of mom2_n_samples", False)
     dynamic_multiplier: float = _help("FastMEMIT multiplier of d_k", 10.0)
@@ -82,7 +82,9 @@ class EditHparams:
         self.fact_token = _FACT_TOKEN_ALIASES.get(self.fact_token, self.fact_token)
         if self.fact_token not in ("subject_last", "subject_first", "last"):
             raise EditError(f"hparams.fact_token must be subject_last, subject_first or last, got {self.fact_token!r}")
-        for name in ("v_num_grad_steps", "mom2_n_samples", "stats_seq_len", "stats_batch_size"):
+        if self.mom2_n_samples <= 0 and self.mom2_n_samples != -1:
+            raise EditError(f"hparams.mom2_n_samples must be positive (or -1: the whole corpus), got {self.mom2_n_samples}")
+        for name in ("v_num_grad_steps", "stats_seq_len", "stats_batch_size"):
             if getattr(self, name) <= 0:
                 raise EditError(f"hparams.{name} must be positive, got {getattr(self, name)}")
         for name in ("v_lr", "clamp_norm_factor", "dynamic_multiplier"):
