@@ -17,6 +17,7 @@ from fastmemit.errors import FastMemitError
 COMMANDS = [
     "fastmemit.cli.stats_cmd",
     "fastmemit.cli.edit_cmd",
+    "fastmemit.cli.downstream_cmd",
     "fastmemit.cli.evaluate_cmd",
     "fastmemit.cli.plot_cmd",
     "fastmemit.cli.summarize_cmd",
