@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -44,3 +46,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 (default: float32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` items as a dict; VALUE is read as JSON, else kept as a string."""
+    from fastmemit.errors import EditError
+
+    out: dict[str, Any] = {}
+    for s in items:
+        if "=" not in s:
+            raise EditError(f"--set expects FIELD=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out

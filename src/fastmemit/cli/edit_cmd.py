@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastmemit.cli.common import add_model_arguments, parse_layers
+from fastmemit.cli.common import add_model_arguments, parse_layers, parse_set_overrides
 from fastmemit.errors import EditError
 
 NAME = "edit"
@@ -62,15 +62,7 @@ def _load_requests(args: argparse.Namespace) -> list[Any]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for s in args.set:
-        if "=" not in s:
-            raise EditError(f"--set expects FIELD=VALUE, got {s!r}")
-        k, v = s.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
+    out = parse_set_overrides(args.set)
     if args.layers is not None:
         out["layers"] = args.layers
     return out

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastmemit.cli.common import parse_bool
+from fastmemit.cli.common import parse_bool, parse_set_overrides
 
 NAME = "evaluate"
 HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --num_edits and score them before and "
@@ -110,21 +110,12 @@ def _config_fields() -> set[str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from fastmemit.errors import EditError
-
     out: dict[str, Any] = {}
     if args.recompute_stats is not None:
         out["recompute_stats"] = args.recompute_stats
     if args.dynamic_multiplier is not None:
         out["dynamic_multiplier"] = args.dynamic_multiplier
-    for s in args.set:
-        if "=" not in s:
-            raise EditError(f"--set expects FIELD=VALUE, got {s!r}")
-        k, v = s.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
+    out.update(parse_set_overrides(args.set))
     return out
 
 
