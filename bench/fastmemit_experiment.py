@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--multipliers", default="1,2,5,10")
     ap.add_argument("--methods", default="EMMET,MEMIT")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-corpus statistics (dm settings only)")
     ap.add_argument("--modes", default="batched", help="batched, sequential or batched,sequential")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default="bench/results/fastmemit_experiment")
@@ -82,9 +83,12 @@ def main() -> None:
     for method in args.methods.split(","):
         base = builtin_hparams(method, model)
         # every token of the sample: the engine stops at the corpus end when n_keys is "all"
-        full_keys = compute_layer_stats(model, tok, base.layers, corpus, n_keys=-1, show_progress=False)
-        n_full = next(iter(full_keys.values())).count
-        settings = [("full", {"dynamic": False, "mom2_n_samples": -1})]
+        settings: list[tuple[str, dict]] = []
+        n_full = 0
+        if not args.no_full:
+            full_keys = compute_layer_stats(model, tok, base.layers, corpus, n_keys=-1, show_progress=False)
+            n_full = next(iter(full_keys.values())).count
+            settings.append(("full", {"dynamic": False, "mom2_n_samples": -1}))
         settings += [(f"dm={m}", {"dynamic": True, "dynamic_multiplier": float(m)}) for m in args.multipliers.split(",")]
         for label, over in settings:
             hp = base.replace(**over)
