@@ -18,7 +18,6 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -377,7 +376,3 @@ def optimize_targets(
     logger.info("v*: %d requests, mean final NLL %.3f, %.1fs", B, sum(final_nll) / B, seconds)
     dd = delta.detach().double()
     return TargetResult(z=h0.double() + dd, delta=dd, nll=final_nll, steps=[s + 1 for s in steps], seconds=seconds)
-
-
-def templates_cache_path() -> Path:
-    return cache_dir() / "templates"
