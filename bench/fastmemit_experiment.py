@@ -131,9 +131,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, metric in zip(axes, ("es", "ps", "ns", "score")):
         for method, mode in groups:
-            pts = [r for r in rows if r["method"] == method and r.get("mode") == mode]
+            pts = sorted((r for r in rows if r["method"] == method and r.get("mode") == mode), key=lambda r: r["n_keys"])
             xs = [r["n_keys"] for r in pts]
-            ax.plot(xs, [r[metric] for r in pts], marker="o", label=f"{method} {mode}")
+            ax.plot(xs, [r[metric] for r in pts], marker="o" if method == groups[0][0] else "x",
+                    ls="-" if method == groups[0][0] else ":", label=f"{method} {mode}")
         base = next((r for r in rows if r["method"] == "unedited"), None)
         if base is not None and base.get(metric) is not None:
             ax.axhline(base[metric], ls="--", color="gray", label="unedited")
