@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from fastmemit.downstream.base import INVALID, DownstreamError
+from fastmemit.keys_values import pad_left
 
 logger = logging.getLogger("fastmemit.downstream")
 
@@ -127,14 +128,8 @@ def fit_prompts(
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad to a (B, T) id tensor and its (B, T) attention mask."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
+    """Left-pad to a (B, T) id tensor and its (B, T) attention mask (the editing code's padding)."""
+    ids, mask, _ = pad_left(seqs, pad_id)
     return ids.to(device), mask.to(device)
 
 
