@@ -175,3 +175,13 @@ def smollm2() -> tuple[torch.nn.Module, Any]:
     import fastmemit
 
     return fastmemit.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Run a module's tests on one torch thread: on tiny matrices thread start-up costs more than it
+    saves (about 15× more on a busy machine). Restores the previous count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -46,12 +46,8 @@ def small_hparams(**changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves, and on a busy machine ~15× more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,8 @@ N_CASES = 7  # num_edits 3 → batches of 3, 3, 1
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
 
 
 @pytest.fixture(scope="module")
