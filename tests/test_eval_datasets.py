@@ -212,7 +212,7 @@ def test_unreadable_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         load_counterfact(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="not valid JSON"):
+    with pytest.raises(DatasetError, match="invalid JSON"):
         load_counterfact(tmp_path / "bad.json")
     with pytest.raises(DatasetError, match="expected a JSON list"):
         load_counterfact(write(tmp_path, "obj.json", {"a": 1}))

@@ -357,7 +357,7 @@ def test_malformed_dataset_is_a_clear_error_and_writes_nothing(files, tokenizer,
         run_evaluation(config(files, data=str(bad)), out, model=fresh_model(tokenizer), tok=tokenizer)
     assert not out.exists()
     bad.write_text("[{")
-    with pytest.raises(DatasetError, match="not valid JSON"):
+    with pytest.raises(DatasetError, match="invalid JSON"):
         run_evaluation(config(files, data=str(bad)), out, model=fresh_model(tokenizer), tok=tokenizer)
     assert not out.exists()
 

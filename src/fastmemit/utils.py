@@ -48,6 +48,20 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike[str], what: str, error: type[Exception]) -> Any:
+    """The parsed contents of the JSON file ``path``; ``error`` naming ``what`` and the file if it is
+    missing, unreadable as UTF-8 or not valid JSON (e.g. ``hparams file 'x.json': invalid JSON ...``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} does not exist")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {str(p)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {str(p)!r}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def progress(iterable: Any = None, *, total: int | None = None, desc: str = "", unit: str = "it", disable: bool | None = None) -> Any:
     """The one progress helper: a tqdm bar on stderr, silenced when FASTMEMIT_PROGRESS=0."""
     from tqdm.auto import tqdm

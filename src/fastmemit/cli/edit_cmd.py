@@ -9,6 +9,7 @@ from typing import Any
 
 from fastmemit.cli.common import add_model_arguments, parse_layers, parse_set_overrides
 from fastmemit.errors import EditError
+from fastmemit.utils import read_json
 
 NAME = "edit"
 HELP = "edit facts into a model (ROME, MEMIT, EMMET, AlphaEdit) and show before/after predictions"
@@ -41,12 +42,7 @@ def _load_requests(args: argparse.Namespace) -> list[Any]:
     from fastmemit.requests import EditRequest
 
     if args.requests is not None:
-        try:
-            data = json.loads(args.requests.read_text())
-        except FileNotFoundError:
-            raise EditError(f"requests file {str(args.requests)!r} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise EditError(f"requests file {str(args.requests)!r}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(args.requests, "requests file", EditError)
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):

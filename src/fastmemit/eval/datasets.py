@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastmemit.errors import FastMemitError
-from fastmemit.utils import atomic_path, cache_dir, logger
+from fastmemit.utils import atomic_path, cache_dir, logger, read_json
 
 BASE_URL = "https://memit.baulab.info/data/dsets/"
 
@@ -191,12 +191,7 @@ class _Record:
 
 def _read_json_list(path: str | os.PathLike[str]) -> tuple[list[Any], str]:
     p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"dataset file {str(p)!r} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{p.name}: not valid JSON ({e})") from e
+    data = read_json(p, "dataset file", DatasetError)
     if not isinstance(data, list):
         raise DatasetError(f"{p.name}: expected a JSON list of records, got {type(data).__name__}")
     return data, p.name
@@ -337,12 +332,7 @@ _C = TypeVar("_C", CounterFactCase, ZsreCase)
 def load_seed_ordering(path: str | os.PathLike[str], sample_num: int = 0) -> list[int]:
     """Ordering ``sample_num`` of a seed-sample file ``{"0": [case_id, ...], ...}``."""
     p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"seed-sample file {str(p)!r} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{p.name}: not valid JSON ({e})") from e
+    data = read_json(p, "seed-sample file", DatasetError)
     if not isinstance(data, Mapping):
         raise DatasetError(f"{p.name}: expected an object {{\"0\": [case ids], ...}}, got {type(data).__name__}")
     key = str(sample_num)

@@ -52,7 +52,7 @@ from fastmemit.eval.datasets import (
     load_tfidf,
     order_cases,
 )
-from fastmemit.utils import atomic_path, logger, progress, write_json_atomic
+from fastmemit.utils import atomic_path, logger, progress, read_json, write_json_atomic
 
 RUN_FORMAT = 1
 
@@ -174,12 +174,7 @@ class RunConfig:
     def from_json(cls, path: str | os.PathLike[str]) -> RunConfig:
         """A run's ``config.json`` (its ``"run"`` block) or a plain JSON object of settings."""
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise RunError(f"config file {str(p)!r} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise RunError(f"config file {str(p)!r}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(p, "config file", RunError)
         if isinstance(data, dict) and "run" in data and isinstance(data["run"], dict):
             data = data["run"]
         if not isinstance(data, dict):

@@ -9,7 +9,6 @@ the field; fields starting with ``_`` (comments, provenance) are ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastmemit.errors import EditError
+from fastmemit.utils import read_json
 
 T = TypeVar("T", bound="EditHparams")
 
@@ -124,12 +124,7 @@ class EditHparams:
     @classmethod
     def from_json(cls: type[T], path: str | Path) -> T:
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise EditError(f"hparams file {str(p)!r} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise EditError(f"hparams file {str(p)!r}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        data = read_json(p, "hparams file", EditError)
         return cls.from_dict(data, source=f"hparams file {p.name}")
 
     def to_dict(self) -> dict[str, Any]:
