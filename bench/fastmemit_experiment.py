@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fastmemit import load_model
 from fastmemit.editing import Editor
+from fastmemit.errors import FastMemitError
 from fastmemit.eval.datasets import load_counterfact
 from fastmemit.eval.metrics import evaluate_counterfact_cases, summarize
 from fastmemit.hparams_registry import builtin_hparams
@@ -35,6 +36,14 @@ from fastmemit.stats import compute_layer_stats
 from fastmemit.utils import atomic_path, write_json_atomic
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+class ConfigFailed(Exception):
+    """A configuration stopped with the library's error at batch ``batch`` (the model is restored)."""
+
+    def __init__(self, batch: int, error: Exception):
+        super().__init__(f"batch {batch}: {error}")
+        self.batch, self.error = batch, error
 
 
 def run_config(model, tok, method, hp, cases, batch, corpus, sequential, target_cache):
@@ -45,7 +54,12 @@ def run_config(model, tok, method, hp, cases, batch, corpus, sequential, target_
     t1 = time.perf_counter()
     for s in range(0, len(cases), batch):
         part = cases[s : s + batch]
-        res = editor.edit([c.requested_rewrite for c in part])
+        try:
+            res = editor.edit([c.requested_rewrite for c in part])
+        except FastMemitError as e:  # e.g. a sequential run whose weights blew up: restore, report
+            for done in reversed(results):
+                done.restore()
+            raise ConfigFailed(s // batch + 1, e) from e
         post += evaluate_counterfact_cases(model, tok, part, generation=False)
         results.append(res)
         if not sequential:
@@ -95,11 +109,17 @@ def worker(task: dict) -> list[dict]:
     for method, label, over in task["configs"]:
         hp = builtin_hparams(method, model).replace(**over)
         seq = task["mode"] == "sequential"
-        edit_s, post, final = run_config(model, tok, method, hp, cases, task["batch"], task["corpus"], seq, target_cache)
-        row = {"method": method, "stats": label, "mode": task["mode"], "edit_seconds": round(edit_s, 1),
-               **{k: post.get(k) for k in ("es", "ps", "ns", "score")}}
-        if final is not None:
-            row["final"] = {k: final.get(k) for k in ("es", "ps", "ns", "score")}
+        try:
+            edit_s, post, final = run_config(model, tok, method, hp, cases, task["batch"], task["corpus"], seq,
+                                             target_cache)
+        except ConfigFailed as e:
+            row = {"method": method, "stats": label, "mode": task["mode"], "failed_batch": e.batch,
+                   "error": f"{type(e.error).__name__}: {e.error}"}
+        else:
+            row = {"method": method, "stats": label, "mode": task["mode"], "edit_seconds": round(edit_s, 1),
+                   **{k: post.get(k) for k in ("es", "ps", "ns", "score")}}
+            if final is not None:
+                row["final"] = {k: final.get(k) for k in ("es", "ps", "ns", "score")}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -141,7 +161,12 @@ def main() -> None:
     if any(builtin_hparams(m, model).layers != base.layers for m in methods):
         raise SystemExit("the methods' built-in hparams edit different layers; run them one at a time")
     stats: dict[str, tuple[int, float]] = {}
+    modes = args.modes.split(",")
     for label, over in settings:
+        known = next((r for r in old if r["stats"] == label and "stats_seconds" in r), None)
+        if known is not None and all((m, label, mode) in done for m in methods for mode in modes):
+            stats[label] = (known["n_keys"], known["stats_seconds"])  # nothing left to run: keep its timing
+            continue
         stats[label] = time_stats(model, tok, base.replace(**over), corpus)
         print(json.dumps({"stats": label, "n_keys": stats[label][0], "seconds": round(stats[label][1], 1)}), flush=True)
     del model
@@ -149,7 +174,7 @@ def main() -> None:
     tasks = []
     threads = 1 if args.jobs > 1 else None
     common = {"data": str(data), "cases": args.cases, "batch": args.batch, "corpus": corpus, "threads": threads}
-    for mode in args.modes.split(","):
+    for mode in modes:
         todo = [(m, label, over) for m in methods for label, over in settings if (m, label, mode) not in done]
         if not todo:
             continue
@@ -169,9 +194,17 @@ def main() -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        crashed = []
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in as_completed([pool.submit(worker, t) for t in tasks]):
-                finish(fut.result())
+            futures = {pool.submit(worker, t): t for t in tasks}
+            for fut in as_completed(futures):
+                try:
+                    finish(fut.result())
+                except Exception as e:  # keep the other tasks' rows; --resume reruns this one
+                    crashed.append(futures[fut]["configs"])
+                    print(f"task {futures[fut]['mode']} {futures[fut]['configs']} crashed: {e!r}", flush=True)
+        if crashed:
+            raise SystemExit(f"{len(crashed)} task(s) crashed (rows of the others are in {out.with_suffix('.json')})")
     else:
         for t in tasks:
             finish(worker(t))
@@ -204,6 +237,10 @@ def write_table(rows: list[dict], path: Path) -> None:
         return f"{r[k]:.1f}" if r is not None and isinstance(r.get(k), (int, float)) else "-"
 
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['stats']} | {r['mode']} | {r.get('n_keys', '-')} | "
+                         f"{r.get('stats_seconds', '-')} | failed at batch {r['failed_batch']} | - | - | - | - | {r['error']} |")
+            continue
         fin = r.get("final")
         final = "/".join(f(fin, k) for k in ("es", "ps", "ns", "score")) if fin else "-"
         lines.append(f"| {r['method']} | {r['stats']} | {r.get('mode', '-')} | {r.get('n_keys', '-')} | "
@@ -223,7 +260,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, metric in zip(axes, ("es", "ps", "ns", "score")):
         for method, mode in groups:
-            pts = sorted((r for r in rows if r["method"] == method and r.get("mode") == mode), key=lambda r: r["n_keys"])
+            pts = sorted((r for r in rows if r["method"] == method and r.get("mode") == mode and not r.get("error")),
+                         key=lambda r: r["n_keys"])
             xs = [r["n_keys"] for r in pts]
             first = method == groups[0][0]
             ax.plot(xs, [r[metric] for r in pts], marker="o" if first else "x", ls="-" if first else ":",

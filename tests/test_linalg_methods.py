@@ -214,6 +214,21 @@ def test_duplicated_keys_with_exact_constraints_are_an_edit_error():
     assert torch.isfinite(ridge_system_delta(R, K, F, mu=0.1)).all()  # the ridge makes it solvable
 
 
+def test_statistics_nearly_singular_along_the_keys_name_the_statistics_even_with_a_ridge():
+    # C0 with one eigenvalue 1e-16 along a direction the keys share: Kᵀ C⁻¹ K ~ 1e16 swamps μ = 0.1
+    p = problem(8, 16, 3)
+    u = torch.zeros(16, dtype=F64)
+    u[0] = 1.0
+    C = p["C0"] - (p["C0"][0, 0] - 1e-16) * torch.outer(u, u)
+    C[0, 1:] = 0.0
+    C[1:, 0] = 0.0
+    K = p["K"].clone()
+    K[0] = 1.0  # every key along the nearly null direction
+    with pytest.raises(EditError, match=r"numerically singular.*statistics C are nearly singular.*dynamic_multiplier"):
+        ridge_system_delta(p["R"], K, FactoredCov(C), mu=0.1)
+    assert torch.isfinite(ridge_system_delta(p["R"], K, FactoredCov(p["C0"]), mu=0.1)).all()  # well-posed C0: fine
+
+
 def test_ridge_system_delta_checks_shapes():
     p = problem(8, 16, 3)
     F = FactoredCov(p["C0"])

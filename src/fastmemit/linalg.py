@@ -72,10 +72,19 @@ def ridge_system_delta(R: torch.Tensor, K: torch.Tensor, F: FactoredCov, mu: flo
     # (G)⁻¹ applied from the right to R: solve Gᵀ Xᵀ = Rᵀ → X = R G⁻¹ (G symmetric)
     X, info = _solve_checked(G, R.T)  # (B, d)
     if info:
+        n = G.shape[0]
+        if not mu:
+            raise EditError(
+                f"the {n}×{n} edit system is singular: the edited keys are linearly dependent "
+                f"(duplicate facts, or batch size {K.shape[1]} too large for d_k = {F.dim}); "
+                "use emmet_lambda > 0 or fewer edits per batch"
+            )
+        big = float(torch.linalg.eigvalsh(G)[-1])
         raise EditError(
-            f"the {G.shape[0]}×{G.shape[0]} edit system is singular: the edited keys are linearly dependent "
-            f"(duplicate facts, or batch size {K.shape[1]} too large for d_k = {F.dim}); "
-            "use emmet_lambda > 0 or fewer edits per batch"
+            f"the {n}×{n} edit system is numerically singular: Kᵀ C⁻¹ K reaches {big:.3g} against μ = {mu:g}, "
+            "so the statistics C are nearly singular along the edited keys (too few keys for C0, or keys "
+            "grown by earlier sequential edits); use more keys (dynamic_multiplier ≥ 2), a larger "
+            "mom2_update_weight or update_norm_lambda, or a larger emmet_lambda (EMMET)"
         )
     return X.T @ Y.T  # R G⁻¹ (C⁻¹K)ᵀ: (d, B) @ (B, d_k) = (d, d_k)
 
