@@ -117,29 +117,26 @@ def main() -> int:
             f"{'both b':>7}" + (f" {'no-cache':>8} {'×':>5}" if args.compare_prefix else "")
             + (f" {'naive':>7} {'×':>5}" if args.naive else "") + "  same")
     print(head)
+    def line(label: str, per_item: str, t: dict[str, float]) -> str:
+        """One table row from the times ``t`` (a task's, or the totals); ratios are unbatched / batched."""
+        out = (f"{label:<19} {per_item:>8} {t['generate_batched_s']:>7.1f} {t['generate_unbatched_s']:>7.1f} "
+               f"{t['generate_unbatched_s'] / t['generate_batched_s']:>5.2f} {t['loglik_batched_s']:>7.1f} "
+               f"{t['loglik_unbatched_s']:>7.1f} {t['loglik_unbatched_s'] / t['loglik_batched_s']:>5.2f} "
+               f"{t['both_batched_s']:>7.1f}")
+        if args.compare_prefix:
+            out += f" {t['both_nocache_s']:>8.1f} {t['both_nocache_s'] / t['both_batched_s']:>5.2f}"
+        if args.naive:
+            out += f" {t['naive_s']:>7.1f} {t['naive_s'] / t['both_batched_s']:>5.2f}"
+        return out
+
     tot: dict[str, float] = {}
     for r in rows:
         for k, v in r.items():
             if k.endswith("_s"):
                 tot[k] = tot.get(k, 0.0) + v
         same = "yes" if r["generate_same_predictions"] and r["loglik_same_predictions"] else "NO"
-        line = (f"{r['task']:<19} {r['prompt_tokens'] / r['tests']:>8.0f} {r['generate_batched_s']:>7.1f} "
-                f"{r['generate_unbatched_s']:>7.1f} {r['generate_ratio']:>5.2f} {r['loglik_batched_s']:>7.1f} "
-                f"{r['loglik_unbatched_s']:>7.1f} {r['loglik_ratio']:>5.2f} {r['both_batched_s']:>7.1f}")
-        if args.compare_prefix:
-            line += f" {r['both_nocache_s']:>8.1f} {r['both_nocache_s'] / r['both_batched_s']:>5.2f}"
-        if args.naive:
-            line += f" {r['naive_s']:>7.1f} {r['naive_s'] / r['both_batched_s']:>5.2f}"
-        print(line + f"  {same}")
-    line = (f"{'total':<19} {'':>8} {tot['generate_batched_s']:>7.1f} {tot['generate_unbatched_s']:>7.1f} "
-            f"{tot['generate_unbatched_s'] / tot['generate_batched_s']:>5.2f} {tot['loglik_batched_s']:>7.1f} "
-            f"{tot['loglik_unbatched_s']:>7.1f} {tot['loglik_unbatched_s'] / tot['loglik_batched_s']:>5.2f} "
-            f"{tot['both_batched_s']:>7.1f}")
-    if args.compare_prefix:
-        line += f" {tot['both_nocache_s']:>8.1f} {tot['both_nocache_s'] / tot['both_batched_s']:>5.2f}"
-    if args.naive:
-        line += f" {tot['naive_s']:>7.1f} {tot['naive_s'] / tot['both_batched_s']:>5.2f}"
-    print(line)
+        print(line(r["task"], f"{r['prompt_tokens'] / r['tests']:.0f}", r) + f"  {same}")
+    print(line("total", "", tot))
     print("seconds; b = batched, 1 = one item at a time, × = unbatched/batched (or no-cache|naive / both b); "
           "'both b' = one downstream check as evaluate_tasks runs it (mode both, shared prefill, shots' KV cache)")
     return 0
