@@ -56,10 +56,13 @@ class EditResult:
         """Put back the exact weights the model had before this edit (undo later edits first)."""
         if self._model is None or not self._originals:
             raise EditError("this EditResult holds no original weights to restore (loaded from a file?)")
-        params = dict(self._model.named_parameters())
-        with torch.no_grad():
-            for name, w in self._originals.items():
-                params[name].copy_(w)
+        write_weights(self._model, self._originals)
+
+    def apply(self) -> None:
+        """Write the edit again after :meth:`restore` (W = W_before + Δ, bit-identical to the edit)."""
+        if self._model is None or not self._originals:
+            raise EditError("this EditResult holds no original weights to apply its deltas to (loaded from a file?)")
+        write_weights(self._model, self._originals, self.deltas)
 
     def save(self, path: str | Path) -> Path:
         """Write the deltas as safetensors with metadata (method, hparams, requests, fingerprint)."""
@@ -77,6 +80,29 @@ class EditResult:
         with atomic_path(p) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}, str(tmp), metadata=meta)
         return p
+
+
+def write_weights(
+    model: nn.Module, base: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """The one place fastmemit writes weights: W = base + Δ (Δ absent: W = base), summed in the wider of
+    the two dtypes and cast once to the weight's dtype on its device. A Δ in the weight's dtype is the
+    saved-deltas form (edit and ``apply_deltas`` agree bit for bit); a float64 Δ = W − base, exact in
+    float64, reproduces W exactly (checkpoints). Names are parameter names, stored orientation."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(base) - set(params))
+    if missing:
+        raise EditError(f"the model has no parameter(s) {missing}")
+    with torch.no_grad():
+        for name, w0 in base.items():
+            p = params[name]
+            d = None if deltas is None else deltas.get(name)
+            if d is None:
+                new = w0
+            else:
+                dt = torch.promote_types(w0.dtype, d.dtype)
+                new = w0.to(dt) + d.to(device=w0.device, dtype=dt)
+            p.copy_(new.to(device=p.device, dtype=p.dtype))
 
 
 def _weight_params(model: nn.Module, layers: Sequence[int]) -> dict[int, tuple[str, nn.Parameter]]:
@@ -162,8 +188,8 @@ class Editor:
         for layer, st in stats.items():
             old = self.states.get(layer)
             state = LayerState(layer, st.mom2)
-            if old is not None and "Kp" in old.extra:
-                state.extra["Kp"] = old.extra["Kp"]  # AlphaEdit keeps earlier edits' keys
+            if old is not None:  # the method's memory of earlier batches survives recomputed statistics
+                state.extra.update({k: v for k, v in old.extra.items() if k in self.method.carried_state})
             if self.method.needs_factor:
                 state.factor = self._factor(st.mom2, st.key if cache else None, f"layer {layer} statistics")
             self.states[layer] = state
@@ -182,6 +208,26 @@ class Editor:
         F = FactoredCov(C, name=name)
         save_entry(path, {"L": F.L}, key)
         return F
+
+    # --- the method's memory across batches (checkpoints) ---------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's memory of earlier batches, ``{"<layer>/<name>": tensor}`` on the CPU."""
+        return {f"{layer}/{k}": v.detach().cpu().contiguous() for layer, st in self.states.items()
+                for k, v in st.extra.items() if k in self.method.carried_state}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (statistics of the edited layers are prepared first if needed)."""
+        parsed = []
+        for key, v in state.items():
+            layer, _, name = key.partition("/")
+            if not layer.isdigit() or int(layer) not in self.hp.layers or name not in self.method.carried_state:
+                raise EditError(f"{self.method.name} state has an entry {key!r} that this editor does not keep")
+            parsed.append((int(layer), name, v))
+        if parsed and not self.states:
+            self.prepare_stats()
+        device = next(self.model.parameters()).device
+        for layer, name, v in parsed:
+            self.states[layer].extra[name] = v.to(device)
 
     # --- the edit --------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditResult:
@@ -207,9 +253,7 @@ class Editor:
             for group in groups:
                 self._edit_group(group, layers, params, originals, totals, templates, timings, info)
         except BaseException:
-            with torch.no_grad():
-                for name, p in params.values():
-                    p.copy_(originals[name])
+            write_weights(self.model, originals)
             for layer, extra in extras.items():  # e.g. AlphaEdit's keys of a batch that was never applied
                 self.states[layer].extra = extra
             raise
@@ -236,8 +280,7 @@ class Editor:
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
             name, p = params[layer]
             totals[layer] += delta.T if self.arch.fan_in_fan_out else delta  # stored orientation
-            with torch.no_grad():
-                p.copy_(originals[name] + totals[layer].to(p.dtype))
+            write_weights(self.model, {name: originals[name]}, {name: totals[layer].to(p.dtype)})
             self.method.commit(self.hp, state, K)
         timings["solve"] += time.perf_counter() - t0
 
@@ -330,10 +373,7 @@ def apply_deltas(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
         if not torch.isfinite(d).all():
             raise DeltaMismatchError(f"delta for {name!r} contains NaN or inf")
     originals = {name: params[name].detach().clone() for name in tensors}
-    with torch.no_grad():
-        for name, d in tensors.items():
-            p = params[name]
-            p.copy_(originals[name] + d.to(device=p.device, dtype=p.dtype))
+    write_weights(model, originals, tensors)
     reqs = [EditRequest.from_any(r) for r in json.loads(meta.get("requests", "[]"))]
     logger.info("applied %d deltas from %s", len(tensors), path)
     return EditResult(dict(tensors), meta.get("method", "?"), json.loads(meta.get("hparams", "{}")), reqs, fp,

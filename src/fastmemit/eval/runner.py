@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmemit.editing import write_weights
 from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError
 from fastmemit.eval.datasets import (
     CounterFactCase,
@@ -66,10 +67,6 @@ DATASETS: dict[str, tuple[str, str]] = {
 }
 
 ALL_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu,nli,sentiment_analysis,dialogue"
-
-# Method state that is derived from the statistics and rebuilt on demand (AlphaEdit's projector):
-# not worth writing into every checkpoint.
-DERIVED_STATE = frozenset({"P"})
 
 
 class RunError(FastMemitError, ValueError):
@@ -645,8 +642,7 @@ class _Run:
         n_done = sum(len(b) for b in self.batches[:batches_done])
         result = EditResult(deltas, self.method.name, self.hp.to_dict(), self.requests[:n_done], self.base_fp)
         result.save(ck / f"deltas-{tag}.safetensors")
-        state = {f"{layer}/{k}": v.detach().cpu().contiguous() for layer, st in editor.states.items()
-                 for k, v in st.extra.items() if isinstance(v, torch.Tensor) and k not in DERIVED_STATE}
+        state = editor.state_dict()
         with atomic_path(ck / f"state-{tag}.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"batches_done": str(batches_done)})
         write_json_atomic(ck / "checkpoint.json", {
@@ -689,25 +685,15 @@ class _Run:
         params = self._edited_params()
         if set(tensors) != set(params):
             raise RunError(f"{ck}: checkpoint edits {sorted(tensors)}, the run edits {sorted(params)}")
-        with torch.no_grad():
-            for name, d in tensors.items():
-                p = params[name]
-                p.copy_((self.w0[name].double() + d.double()).to(p.dtype).to(p.device))
+        write_weights(self.model, self.w0, {name: d.double() for name, d in tensors.items()})
         if model_fingerprint(self.model) != manifest.get("fingerprint"):
             raise RunError(f"{ck}: re-applied checkpoint does not reproduce the edited model's fingerprint")
-        state = load_file(str(ck / manifest["state"])) if with_state else {}
-        if state and not editor.states:
-            editor.prepare_stats()  # states to hold the method's memory (recompute_stats: on the edited model)
-        for key, v in state.items():
-            layer, name = key.split("/", 1)
-            editor.states[int(layer)].extra[name] = v.to(next(self.model.parameters()).device)
+        if with_state:  # statistics prepared as needed (recompute_stats: on the edited model)
+            editor.load_state_dict(load_file(str(ck / manifest["state"])))
         logger.info("resumed from checkpoint after %d batches (%d edits)", batches_done, manifest.get("edits"))
 
     def _restore_base(self) -> None:
-        params = self._edited_params()
-        with torch.no_grad():
-            for name, w in self.w0.items():
-                params[name].copy_(w.to(params[name].device))
+        write_weights(self.model, self.w0)
 
     def _save_model(self, batches_done: int, result: Any) -> None:
         cfg = self.cfg

@@ -43,6 +43,7 @@ class AlphaEdit(EditMethod):
     name = "AlphaEdit"
     hparams_cls = AlphaEditHparams
     needs_factor = False
+    carried_state = frozenset({"Kp"})  # keys of earlier batches; "P" is derived from the statistics
 
     def factor_key(self, hp: EditHparams) -> dict[str, Any]:
         assert isinstance(hp, AlphaEditHparams)

@@ -33,6 +33,9 @@ class EditMethod:
     hparams_cls: ClassVar[type[EditHparams]] = EditHparams
     single_layer: ClassVar[bool] = False  # ROME edits exactly one layer
     needs_factor: ClassVar[bool] = True  # whether layer_delta uses a Cholesky factor of C
+    # LayerState.extra entries that carry memory across batches (saved in checkpoints, kept when the
+    # statistics are recomputed); other extra entries are derived from the statistics and rebuilt
+    carried_state: ClassVar[frozenset[str]] = frozenset()
 
     def validate(self, hp: EditHparams, n_requests: int) -> None:
         if self.single_layer and len(hp.layers) != 1:
