@@ -111,9 +111,9 @@ def test_site_names_and_layer_requirements():
     assert spec.site("mlp_down", 3) == "model.layers.3.mlp.down_proj"
     assert spec.site("block", 3) == "model.layers.3"
     assert spec.site("final_norm") == "model.norm"
-    with pytest.raises(ValueError, match="per-layer"):
+    with pytest.raises(UnsupportedArchitectureError, match="per-layer"):
         spec.site("mlp_down")
-    with pytest.raises(KeyError, match="unknown site 'attn'"):
+    with pytest.raises(UnsupportedArchitectureError, match="unknown site 'attn'"):
         spec.site("attn", 0)
     assert set(SITES) == {"mlp_down", "block", "final_norm", "lm_head", "embed"}
 

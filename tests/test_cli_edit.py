@@ -22,7 +22,7 @@ from conftest import REPO, tiny_llm
 from fastmemit.cli import build_parser, main
 from fastmemit.cli.edit_cmd import _load_requests, _overrides
 from fastmemit.editing import load_deltas
-from fastmemit.errors import EditError
+from fastmemit.errors import ConfigurationError, EditError
 from fastmemit.methods import EditHparams
 from fastmemit.requests import EditRequest
 
@@ -135,8 +135,8 @@ def test_layers_option_overrides_set_layers():
     assert _overrides(parse("--request", REQ_JSON)) == {}
 
 
-def test_set_without_equals_and_bad_values_are_edit_errors():
-    with pytest.raises(EditError, match="FIELD=VALUE.*'v_lr'"):
+def test_set_without_equals_is_a_configuration_error_and_bad_values_are_edit_errors():
+    with pytest.raises(ConfigurationError, match="FIELD=VALUE.*'v_lr'"):
         _overrides(parse("--request", REQ_JSON, "--set", "v_lr"))
     # values that are not of the field's type name the field when applied
     for setting, field in [("v_lr=fast", "'v_lr'"), ("layers=5", "'layers'"), ("dynamic=1", "'dynamic'"),

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmemit.errors import ConfigurationError, UnsupportedArchitectureError
 from fastmemit.models.arch import get_module
 
 
@@ -28,7 +29,7 @@ def _first_tensor(x: Any) -> torch.Tensor:
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
-    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(x).__name__}")
+    raise UnsupportedArchitectureError(f"expected a module output that is a tensor or a tuple starting with one, got {type(x).__name__}")
 
 
 def _replace_first(x: Any, new: torch.Tensor) -> Any:
@@ -62,7 +63,7 @@ class Trace:
         self.model = model
         self.names = list(dict.fromkeys(names))
         if not self.names:
-            raise ValueError("Trace needs at least one module name")
+            raise ConfigurationError("Trace needs at least one module name")
         self.retain_input = retain_input
         self.retain_output = retain_output
         self.stop = stop

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fastmemit.errors import ConfigurationError
 
 logger = logging.getLogger("fastmemit")
 
@@ -23,7 +27,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    sweep_orphan_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -35,6 +40,61 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def sweep_orphan_temps(target: Path) -> list[Path]:
+    """Remove temporaries (files or folders) of earlier writes of ``target`` whose writer process is gone
+    (a kill between create and rename leaves one: ``.<name>.<pid>.<random>.tmp``, see :func:`temp_dir`
+    and :func:`atomic_path`); those of live writers stay."""
+    removed = []
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def temp_dir(target: Path) -> Path:
+    """A new temporary folder beside ``target`` (to be renamed onto it), after sweeping orphans."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_orphan_temps(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def check_writable(path: str | os.PathLike[str], what: str, *, kind: str = "file") -> Path:
+    """Check before any work that ``path`` can be written as a file (``kind="file"``) or used as a
+    folder (``kind="dir"``): not the other kind already, and its first existing ancestor a writable
+    folder. Raises ConfigurationError naming ``what`` (e.g. ``--save-deltas``)."""
+    p = Path(path).expanduser()
+    if kind == "file" and p.is_dir():
+        raise ConfigurationError(f"{what} {str(p)!r} is a folder; give a file path")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigurationError(f"{what} {str(p)!r} is a file; give a folder")
+    base = p if kind == "dir" and p.is_dir() else p.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigurationError(f"{what} {str(p)!r}: {str(base)!r} is a file, so nothing can be created below it")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{what} {str(p)!r}: folder {str(base)!r} is not writable")
+    return p
 
 
 def _umask() -> int:

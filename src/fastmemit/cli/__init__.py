@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from fastmemit.cli.common import OneLineParser
 from fastmemit.errors import FastMemitError
 
 COMMANDS = [
@@ -25,12 +26,12 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastmemit",
         description="Closed-form knowledge editing (ROME, MEMIT, EMMET, AlphaEdit) with FastMEMIT statistics.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for modname in COMMANDS:
         mod = importlib.import_module(modname)
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)

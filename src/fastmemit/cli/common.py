@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import math
+from typing import Any, NoReturn
+
+from fastmemit.errors import ConfigurationError
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -30,6 +33,65 @@ def parse_layers(spec: str) -> list[int]:
     return out
 
 
+def _number(kind: type, s: str) -> float:
+    try:
+        v = kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    v = int(_number(int, s))
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    v = int(_number(int, s))
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a finite number > 0 (NaN and inf refused)."""
+    v = float(_number(float, s))
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
+    return v
+
+
+def key_count(s: str) -> int:
+    """argparse type: a number of keys ≥ 1, or -1 / 'all' for the whole corpus."""
+    if s.strip().lower() == "all":
+        return -1
+    v = int(_number(int, s))
+    if v < 1 and v != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of keys, or -1 / 'all' for the whole corpus, got {s!r}")
+    return v
+
+
+def seq_len(s: str) -> int:
+    """argparse type: tokens per row, at least 2 (a key needs a token after the first)."""
+    v = int(_number(int, s))
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {s!r}")
+    return v
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``fastmemit edit: error: ...``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_bool(s: str) -> bool:
     """Parse a boolean flag value properly ('false' is False, unlike argparse's type=bool)."""
     v = str(s).strip().lower()
@@ -43,19 +105,17 @@ def parse_bool(s: str) -> bool:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_name", dest="model", default="smollm2-135m",
                    help="built-in alias (smollm2-135m, gemma3-270m), local folder or Hugging Face id (default: smollm2-135m)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 (default: float32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     """``--set FIELD=VALUE`` items as a dict; VALUE is read as JSON, else kept as a string."""
-    from fastmemit.errors import EditError
-
     out: dict[str, Any] = {}
     for s in items:
         if "=" not in s:
-            raise EditError(f"--set expects FIELD=VALUE, got {s!r}")
+            raise ConfigurationError(f"--set expects FIELD=VALUE, got {s!r}")
         k, v = s.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from fastmemit.cli.common import add_model_arguments
+from fastmemit.cli.common import add_model_arguments, positive_int
 
 NAME = "downstream"
 HELP = "few-shot downstream checks (sst2, mrpc, cola, rte, mmlu, sentiment_analysis, nli, dialogue)"
@@ -34,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-file", dest="data_files", type=_data_file, action="append", default=[],
                    metavar="TASK=PATH", help="read one task from this file instead (repeatable)")
     p.add_argument("--deltas", default=None, help="apply saved edit deltas to the model first (fastmemit.apply_deltas)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
-    p.add_argument("--max-length", dest="max_length", type=int, default=None,
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=8)
+    p.add_argument("--max-length", dest="max_length", type=positive_int, default=None,
                    help="context window in tokens (default: from the model config)")
     p.add_argument("--no-shot-cache", dest="shot_cache", action="store_false",
                    help="run every prompt in full instead of reusing the shots' KV cache (same numbers, slower)")
@@ -47,11 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fastmemit.downstream import DownstreamError, evaluate_tasks, parse_task_flags, results_to_records
     from fastmemit.models import load_model
-    from fastmemit.utils import write_json_atomic
+    from fastmemit.utils import check_writable, write_json_atomic
 
     flags = parse_task_flags(args.tasks, args.number_of_few_shots, args.number_of_tests)  # fail before loading
-    if args.batch_size < 1:
-        raise DownstreamError("--batch-size must be ≥ 1")
+    if args.out:
+        check_writable(args.out, "--out")
+    if args.deltas and not Path(args.deltas).is_file():
+        raise DownstreamError(f"--deltas {args.deltas!r} does not exist")
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.deltas:

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastmemit.cli.common import add_model_arguments, parse_layers, parse_set_overrides
+from fastmemit.cli.common import add_model_arguments, parse_layers, parse_set_overrides, positive_int
 from fastmemit.errors import EditError
-from fastmemit.utils import read_json
+from fastmemit.utils import check_writable, read_json
 
 NAME = "edit"
 HELP = "edit facts into a model (ROME, MEMIT, EMMET, AlphaEdit) and show before/after predictions"
@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-deltas", type=Path, default=None, help="write the deltas (safetensors) here")
     p.add_argument("--generate", nargs="*", default=None, metavar="PROMPT",
                    help="also print greedy generations for these prompts (default: each request's prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--top", type=int, default=5, help="top tokens shown before/after (default 5)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=20)
+    p.add_argument("--top", type=positive_int, default=5, help="top tokens shown before/after (default 5)")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
 
@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
     requests = _load_requests(args)
     method = get_method(args.method)
+    if args.save_deltas is not None:  # checked before the edit is computed
+        check_writable(args.save_deltas, "--save-deltas")
+    if args.cache_dir is not None:
+        check_writable(args.cache_dir, "--cache-dir", kind="dir")
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     hp = resolve_hparams(method, args.hparams, model)
     overrides = _overrides(args)

@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from fastmemit.cli.common import add_model_arguments, parse_layers
+from fastmemit.cli.common import (
+    add_model_arguments,
+    key_count,
+    parse_layers,
+    positive_float,
+    positive_int,
+    seq_len,
+)
 
 NAME = "stats"
 HELP = "compute (or load from cache) E[k kᵀ] of the edited layers' keys over a corpus"
@@ -16,15 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--layers", type=parse_layers, required=True, help="layers, e.g. 3-7 or 3,5,8")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--dynamic-multiplier", "--dynamic_multiplier", type=float, dest="dynamic_multiplier",
+    count.add_argument("--dynamic-multiplier", "--dynamic_multiplier", type=positive_float, dest="dynamic_multiplier",
                        help="FastMEMIT: use ceil(multiplier × d_k) keys (default 10 when no count is given)")
-    count.add_argument("--n-tokens", "--n_tokens", type=int, dest="n_tokens", help="classic MEMIT: an explicit number of keys (tokens)")
+    count.add_argument("--n-tokens", "--n_tokens", type=key_count, dest="n_tokens",
+                       help="classic MEMIT: an explicit number of keys (tokens); -1 or all: the whole corpus")
     p.add_argument("--corpus", default=None,
                    help="a .jsonl/.json/.txt file, a folder of text files, 'gensim-wiki' (default, offline) or 'hf:wikimedia/wikipedia:20231101.en'")
     p.add_argument("--cache-dir", default=None, help="statistics cache folder (default: $FASTMEMIT_CACHE/stats)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row; longer documents are cut in pieces")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=seq_len, default=256, help="tokens per row; longer documents are cut in pieces")
     p.add_argument("--seed", type=int, default=0, help="corpus shuffling seed")
     p.add_argument("--json", action="store_true", help="print one JSON object per layer")
 

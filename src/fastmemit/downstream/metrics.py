@@ -17,13 +17,14 @@ from collections import Counter
 from collections.abc import Sequence
 
 from fastmemit.downstream.base import INVALID
+from fastmemit.errors import DownstreamError
 
 
 def _check(y_true: Sequence[int], y_pred: Sequence[int]) -> None:
     if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+        raise DownstreamError(f"{len(y_true)} labels but {len(y_pred)} predictions")
     if not y_true:
-        raise ValueError("no items to score")
+        raise DownstreamError("no items to score")
 
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -34,7 +35,7 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
 
 def invalid_rate(y_pred: Sequence[int]) -> float:
     if not y_pred:
-        raise ValueError("no items to score")
+        raise DownstreamError("no items to score")
     return sum(p == INVALID for p in y_pred) / len(y_pred)
 
 

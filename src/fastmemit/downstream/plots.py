@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastmemit.errors import DownstreamError
 from fastmemit.utils import atomic_path
 
 METRIC_TITLES = {"accuracy": "accuracy", "f1": "weighted F1", "mcc": "MCC", "invalid": "invalid rate"}
@@ -39,10 +40,10 @@ def plot_downstream(
     for r in records:
         for key in ("edits_so_far", "task", "mode"):
             if key not in r:
-                raise ValueError(f"plot record lacks {key!r}: {dict(r)}")
+                raise DownstreamError(f"plot record lacks {key!r}: {dict(r)}")
         rows[(str(r["task"]), str(r["mode"]), int(r["edits_so_far"]))] = dict(r)
     if not rows:
-        raise ValueError("no records to plot")
+        raise DownstreamError("no records to plot")
     data = [rows[k] for k in sorted(rows)]
     tasks = sorted({k[0] for k in rows})
     modes = [m for m in ("generate", "loglik") if any(k[1] == m for k in rows)] + sorted(

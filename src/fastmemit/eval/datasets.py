@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastmemit.errors import FastMemitError
+from fastmemit.errors import DatasetError
 from fastmemit.utils import atomic_path, cache_dir, logger, read_json
 
 BASE_URL = "https://memit.baulab.info/data/dsets/"
@@ -50,10 +50,6 @@ DATASET_FILES: dict[str, str] = {
     "tfidf_vocab": "tfidf_vocab.json",
     "known_1000": "known_1000.json",
 }
-
-
-class DatasetError(FastMemitError, ValueError):
-    """A dataset file is missing, unreadable or holds a malformed record."""
 
 
 # ----------------------------------------------------------------------------- records
@@ -199,7 +195,7 @@ def _read_json_list(path: str | os.PathLike[str]) -> tuple[list[Any], str]:
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"dataset_size_limit must be a non-negative integer or None, got {limit!r}")
+        raise DatasetError(f"dataset_size_limit must be a non-negative integer or None, got {limit!r}")
 
 
 def _counterfact_original(rec: _Record) -> CounterFactCase:

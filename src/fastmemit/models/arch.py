@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastmemit.errors import UnsupportedArchitectureError
+from fastmemit.errors import ConfigurationError, UnsupportedArchitectureError
 
 SITES = ("mlp_down", "block", "final_norm", "lm_head", "embed")
 
@@ -48,22 +48,22 @@ class ArchSpec:
 
     def __post_init__(self) -> None:
         if not self.model_types:
-            raise ValueError("ArchSpec.model_types must name at least one model_type")
+            raise UnsupportedArchitectureError("ArchSpec.model_types must name at least one model_type")
         if "{}" not in self.mlp_down:
-            raise ValueError(f"ArchSpec.mlp_down must contain '{{}}' for the layer number, got {self.mlp_down!r}")
+            raise UnsupportedArchitectureError(f"ArchSpec.mlp_down must contain '{{}}' for the layer number, got {self.mlp_down!r}")
         if not self.block:
             object.__setattr__(self, "block", f"{self.layers}.{{}}")
         elif "{}" not in self.block:
-            raise ValueError(f"ArchSpec.block must contain '{{}}' for the layer number, got {self.block!r}")
+            raise UnsupportedArchitectureError(f"ArchSpec.block must contain '{{}}' for the layer number, got {self.block!r}")
 
     def site(self, name: str, layer: int | None = None) -> str:
         """Dotted module name of a canonical site (layer needed for per-layer sites)."""
         if name not in SITES:
-            raise KeyError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
+            raise UnsupportedArchitectureError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
         template: str = getattr(self, name)
         if "{}" in template:
             if layer is None:
-                raise ValueError(f"site {name!r} is per-layer: give a layer number")
+                raise UnsupportedArchitectureError(f"site {name!r} is per-layer: give a layer number")
             return template.format(layer)
         return template
 
@@ -94,7 +94,7 @@ def register_architecture(spec: ArchSpec, *, overwrite: bool = False) -> None:
     """Add (or with ``overwrite=True`` replace) the spec for each of ``spec.model_types``."""
     for mt in spec.model_types:
         if mt in _REGISTRY and not overwrite:
-            raise ValueError(f"architecture {mt!r} is already registered; pass overwrite=True to replace it")
+            raise UnsupportedArchitectureError(f"architecture {mt!r} is already registered; pass overwrite=True to replace it")
     for mt in spec.model_types:
         _REGISTRY[mt] = spec
 
@@ -172,10 +172,10 @@ def check_layers(model: nn.Module, layers: list[int] | tuple[int, ...]) -> list[
     """Validate layer numbers against the model's depth and return them as a sorted list."""
     n = num_layers(model)
     if not layers:
-        raise ValueError("no layers given")
+        raise ConfigurationError("no layers given")
     bad = [layer for layer in layers if not (0 <= int(layer) < n)]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range: this model has {n} layers (0..{n - 1})")
+        raise ConfigurationError(f"layer(s) {bad} out of range: this model has {n} layers (0..{n - 1})")
     return sorted({int(layer) for layer in layers})
 
 

