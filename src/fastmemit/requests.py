@@ -32,6 +32,8 @@ class EditRequest:
             raise EditError(f"edit request {self._label()}: empty subject")
         if not self.target_new.strip():
             raise EditError(f"edit request {self._label()}: empty target_new")
+        if self.case_id is not None and (isinstance(self.case_id, bool) or not isinstance(self.case_id, (int, str))):
+            raise EditError(f"edit request case_id must be an integer or a string, got {self.case_id!r:.60}")
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise EditError(f"edit request {self._label()}: target_true must be a string or null")
         if self.prompt.count("{}") > 1:
@@ -71,6 +73,9 @@ class EditRequest:
         d = dict(obj)
         if "requested_rewrite" in d:
             cid = d.get("case_id")
+            if not isinstance(d["requested_rewrite"], Mapping):
+                raise EditError(f"edit request field 'requested_rewrite' must be an object, got "
+                                f"{type(d['requested_rewrite']).__name__}")
             d = dict(d["requested_rewrite"])
             d.setdefault("case_id", cid)
         for k in ("target_new", "target_true"):
