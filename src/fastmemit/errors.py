@@ -29,3 +29,7 @@ class EditError(FastMemitError, ValueError):
 
 class DeltaMismatchError(FastMemitError, ValueError):
     """Saved deltas belong to a different model than the one they are applied to."""
+
+
+class RunError(FastMemitError, ValueError):
+    """An evaluation run folder cannot be used: another configuration, a broken checkpoint, a bad setting."""
