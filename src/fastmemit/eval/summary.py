@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -150,7 +151,7 @@ class RunSummary:
         out = {}
         for k in keys:
             v = self.post.mean(k)
-            if v is not None and v == v:  # not NaN
+            if v is not None and not math.isnan(v):
                 out[k] = f"{v:.0f}"
         return out
 
