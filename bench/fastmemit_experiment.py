@@ -22,6 +22,7 @@ weights, so in batched mode it is optimized once per batch and shared by all con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from fastmemit import load_model
 from fastmemit.editing import Editor
 from fastmemit.errors import FastMemitError
 from fastmemit.eval.datasets import load_counterfact
+from fastmemit.eval.loop import edit_batches
 from fastmemit.eval.metrics import evaluate_counterfact_cases, summarize
 from fastmemit.hparams_registry import builtin_hparams
 from fastmemit.stats import compute_layer_stats
@@ -50,20 +52,21 @@ def run_config(model, tok, method, hp, cases, batch, corpus, sequential, target_
     editor = Editor(model, tok, method, hp, corpus=corpus, show_progress=False,
                     target_cache=None if sequential else target_cache)
     editor.prepare_stats()  # a cache hit: main() computed (and timed) every setting's statistics
+    batches = [cases[s : s + batch] for s in range(0, len(cases), batch)]
     post, results = [], []
     t1 = time.perf_counter()
-    for s in range(0, len(cases), batch):
-        part = cases[s : s + batch]
-        try:
-            res = editor.edit([c.requested_rewrite for c in part])
-        except FastMemitError as e:  # e.g. a sequential run whose weights blew up: restore, report
+    records = edit_batches(editor, batches, lambda part: evaluate_counterfact_cases(model, tok, part, generation=False),
+                           request=lambda c: c.requested_rewrite, sequential=sequential)
+    try:
+        with contextlib.closing(records):
+            for rec in records:
+                post += rec.post
+                results.append(rec.result)
+    except FastMemitError as e:  # e.g. a sequential run whose weights blew up: restore, report
+        if sequential:
             for done in reversed(results):
                 done.restore()
-            raise ConfigFailed(s // batch + 1, e) from e
-        post += evaluate_counterfact_cases(model, tok, part, generation=False)
-        results.append(res)
-        if not sequential:
-            res.restore()
+        raise ConfigFailed(len(results) + 1, e) from e
     edit_s = time.perf_counter() - t1
     if sequential:
         final = evaluate_counterfact_cases(model, tok, cases, generation=False)

@@ -13,6 +13,7 @@ and shared through the Editor's target cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from fastmemit import load_model
 from fastmemit.editing import Editor
 from fastmemit.eval.datasets import load_counterfact
+from fastmemit.eval.loop import edit_batches
 from fastmemit.eval.metrics import evaluate_counterfact_cases, summarize
 from fastmemit.methods import get_method
 from fastmemit.utils import write_json_atomic
@@ -56,6 +58,7 @@ def main() -> None:
     pre = evaluate_counterfact_cases(model, tok, cases, generation=False)
     results: list[dict] = [{"config": "unedited", **summarize(pre)}]
     print("unedited", json.dumps(results[0]))
+    batches = [cases[s : s + args.batch] for s in range(0, len(cases), args.batch)]
     target_cache: dict = {}
     for last in [int(x) for x in args.last_layers.split(",")]:
         layers = list(range(max(0, last - args.window + 1), last + 1))
@@ -74,11 +77,12 @@ def main() -> None:
             editor = Editor(model, tok, method, hp, corpus=corpus, show_progress=False, target_cache=target_cache)
             t0 = time.perf_counter()
             post = []
-            for s in range(0, len(cases), args.batch):
-                batch = cases[s : s + args.batch]
-                res = editor.edit([c.requested_rewrite for c in batch])
-                post += evaluate_counterfact_cases(model, tok, batch, generation=False)
-                res.restore()
+            records = edit_batches(editor, batches,
+                                   lambda part: evaluate_counterfact_cases(model, tok, part, generation=False),
+                                   request=lambda c: c.requested_rewrite, sequential=False)
+            with contextlib.closing(records):  # each batch restored after it is scored
+                for rec in records:
+                    post += rec.post
             row = {"method": method, **over, "seconds": round(time.perf_counter() - t0, 1), **summarize(post)}
             results.append(row)
             print(json.dumps(row), flush=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +25,13 @@ import torch
 from conftest import REPO, TESTS, tiny_llm
 from fastmemit.cli import build_parser, main
 from fastmemit.cli.evaluate_cmd import build_config
+from fastmemit.downstream import DownstreamDataError
+from fastmemit.downstream import default_data_dir as downstream_data_dir
+from fastmemit.errors import RunError
+from fastmemit.eval import RunConfig, run_evaluation, summarize
+from fastmemit.eval.config import ALIASES
 from fastmemit.eval.datasets import DatasetError
-from fastmemit.eval.runner import RunConfig, RunError, load_cases, run_evaluation
+from fastmemit.eval.runner import load_cases
 
 HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
                dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
@@ -33,7 +40,7 @@ WORDS = ("the a of to in is was for on that with as by at from his her it an are
 SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Thomas Joannes Stieltjes",
             "Anaal Nathrakh", "Honda Civic", "Michel Denisot", "Pervez Musharraf", "Adobe Flash"]
 OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", "Apple", "violin", "Berlin"]
-N_CASES = 7  # num_edits 3 → batches of 3, 3, 1
+N_CASES = 7  # edits_per_batch 3 → batches of 3, 3, 1
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,8 +93,8 @@ def files(work, tokenizer) -> dict[str, Path]:
 
 
 def config(files: dict[str, Path], **kw: Any) -> RunConfig:
-    base = dict(alg_name="EMMET", model_name="tiny-llama", hparams_fname=str(files["hparams"]), ds_name="cf",
-                data=str(files["cf"]), dataset_size_limit=N_CASES, num_edits=3, corpus=str(files["corpus"]),
+    base = dict(method="EMMET", model="tiny-llama", hparams=str(files["hparams"]), dataset="cf",
+                data=str(files["cf"]), dataset_size_limit=N_CASES, edits_per_batch=3, corpus=str(files["corpus"]),
                 stats_cache_dir=str(files["data"].parent / "stats"), eval_chunk=4, show_progress=False, plots=False)
     base.update(kw)
     return RunConfig(**base)
@@ -135,7 +142,7 @@ def assert_same_results(a: Path, b: Path) -> None:
 def test_bool_flags_parse_values_and_both_spellings(files):
     p = build_parser()
     a = p.parse_args(["evaluate", "--sequential", "false", "--num-edits", "4", "--alg-name", "MEMIT"])
-    assert a.sequential is False and a.num_edits == 4 and a.alg_name == "MEMIT"
+    assert a.sequential is False and a.edits_per_batch == 4 and a.method == "MEMIT"
     assert p.parse_args(["evaluate", "--sequential"]).sequential is True
     assert p.parse_args(["evaluate", "--sequential=False"]).sequential is False
     assert p.parse_args(["evaluate", "--skip-generation-tests", "no"]).skip_generation_tests is False
@@ -144,7 +151,7 @@ def test_bool_flags_parse_values_and_both_spellings(files):
         p.parse_args(["evaluate", "--sequential", "maybe"])
     cfg, out = build_config(p.parse_args(["evaluate", "--out", "x", "--recompute_stats", "true",
                                           "--dynamic-multiplier", "3", "--set", "v_lr=0.1"]))
-    assert cfg.sequential is True and cfg.num_edits == 1 and out == Path("x")  # defaults: sequential, 1 edit
+    assert cfg.sequential is True and cfg.edits_per_batch == 1 and out == Path("x")  # defaults: sequential, 1 edit
     assert cfg.hparams_overrides == {"recompute_stats": True, "dynamic_multiplier": 3.0, "v_lr": 0.1}
     cfg, _ = build_config(p.parse_args(["evaluate", "--sequential", "false"]))
     assert cfg.sequential is False
@@ -224,7 +231,7 @@ def test_sequential_run_keeps_edits_checkpoints_them_and_scores_all_cases_at_the
 @pytest.mark.parametrize("variant, stop", [
     (dict(sequential=False), 1),
     (dict(sequential=True), 1),  # batch 1 written, its checkpoint not: batch 1 is redone
-    (dict(sequential=True, alg_name="AlphaEdit"), 2),  # resumes from a checkpoint holding earlier keys
+    (dict(sequential=True, method="AlphaEdit"), 2),  # resumes from a checkpoint holding earlier keys
     (dict(sequential=True, hparams_overrides={"recompute_stats": True}), 2),  # statistics of the edited model
 ], ids=["batched", "sequential", "alphaedit", "recompute-stats"])
 def test_interrupted_run_resumes_to_the_same_results(variant, stop, files, tokenizer, work, request):
@@ -243,7 +250,7 @@ def test_interrupted_run_resumes_to_the_same_results(variant, stop, files, token
         f.write(b'{"batch": 2, "case_id": 10')
     resumed = run_evaluation(cfg, out, model=model, tok=tokenizer)
     assert_same_results(ref, resumed.run_dir)
-    if variant.get("alg_name") == "AlphaEdit":
+    if variant.get("method") == "AlphaEdit":
         from safetensors.torch import load_file
 
         manifest = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
@@ -262,7 +269,7 @@ import torch
 torch.set_num_threads(1)
 from transformers import AutoTokenizer
 from conftest import tiny_llm
-from fastmemit.eval.runner import RunConfig, run_evaluation
+from fastmemit.eval import RunConfig, run_evaluation
 tok = AutoTokenizer.from_pretrained({str(work / "tokenizer")!r})
 def hook(event, batch):
     if (event, batch) == ("checkpoint_written", 1):
@@ -280,23 +287,62 @@ run_evaluation(RunConfig(**json.loads({json.dumps(json.dumps(cfg.to_dict()))})),
 def test_restart_with_another_configuration_is_refused(files, tokenizer, batched_run):
     d = batched_run[0].run_dir
     stored = (d / "config.json").read_text()
-    with pytest.raises(RunError, match="num_edits: 3 → 2"):
-        run_evaluation(config(files, sequential=False, num_edits=2), d, model=fresh_model(tokenizer), tok=tokenizer)
+    with pytest.raises(RunError, match=r"edits_per_batch \(num_edits\): 3 → 2"):
+        run_evaluation(config(files, sequential=False, edits_per_batch=2), d, model=fresh_model(tokenizer), tok=tokenizer)
     assert (d / "config.json").read_text() == stored
     # --continue_from_run takes the stored settings and refuses flags that contradict them
     p = build_parser()
     cfg, out = build_config(p.parse_args(["evaluate", "--continue_from_run", str(d), "--plots", "true"]))
-    assert out == d and cfg.num_edits == 3 and cfg.sequential is False and cfg.plots is True
+    assert out == d and cfg.edits_per_batch == 3 and cfg.sequential is False and cfg.plots is True
     with pytest.raises(RunError, match="num_edits"):
         build_config(p.parse_args(["evaluate", "--continue_from_run", str(d), "--num_edits", "5"]))
     # --config reproduces the settings in a new folder; flags given with it override them
     cfg2, out2 = build_config(p.parse_args(["evaluate", "--config", str(d / "config.json"), "--out", "new"]))
     assert cfg2 == cfg.__class__.from_json(d / "config.json") and out2 == Path("new")
     cfg3, _ = build_config(p.parse_args(["evaluate", "--config", str(d / "config.json"), "--num-edits", "2"]))
-    assert cfg3.num_edits == 2 and cfg3.data == cfg2.data
+    assert cfg3.edits_per_batch == 2 and cfg3.data == cfg2.data
     # a finished run restarted unchanged does nothing new and reports the same summary
     again = run_evaluation(config(files, sequential=False), d, model=fresh_model(tokenizer), tok=tokenizer)
     assert again.summary["post"] == batched_run[0].summary["post"]
+
+
+@pytest.mark.parametrize("which", ["batched_run", "sequential_run"])
+def test_summary_json_equals_a_full_resummary_of_the_run_files(which, request):
+    """summary.json is kept batch by batch; it must equal summarize() of all lines of the finished run."""
+    d = request.getfixturevalue(which)[0].run_dir
+    s = json.loads((d / "summary.json").read_text())
+    cases = lines(d / "cases.jsonl")
+    assert s["pre"] == summarize([r["pre"] for r in cases]) and s["post"] == summarize([r["post"] for r in cases])
+    if which == "sequential_run":
+        assert s["final"] == summarize([r["final"] for r in lines(d / "final.jsonl")])
+        assert s["pre_all"] == summarize([r["pre"] for r in lines(d / "pre.jsonl")])
+    else:
+        assert "final" not in s and not (d / "final.jsonl").exists()
+    firsts = [r for r in cases if r["case_id"] == min(c["case_id"] for c in cases if c["batch"] == r["batch"])]
+    for key in ("stats", "v", "solve"):
+        assert s["time_seconds"][key] == round(sum(r["batch_timings"][key] for r in firsts), 3)
+    assert s["time_seconds"]["eval_pre"] == round(sum({r["chunk"]: r["seconds_chunk"]
+                                                       for r in lines(d / "pre.jsonl")}.values()), 3)
+
+
+def test_a_run_folder_stored_with_the_research_names_is_continued(files, tokenizer, work, batched_run):
+    """config.json of runs written before the rename (alg_name, num_edits, ...) still resumes."""
+    d = work / "old-names"
+    shutil.copytree(batched_run[0].run_dir, d)
+    stored = json.loads((d / "config.json").read_text())
+    research_name = {field: alias for alias, field in ALIASES.items()}
+    stored["run"] = {research_name.get(k, k): v for k, v in stored["run"].items()}
+    assert {"alg_name", "num_edits", "ds_name"} <= stored["run"].keys()
+    (d / "config.json").write_text(json.dumps(stored))
+    again = run_evaluation(config(files, sequential=False), d, model=fresh_model(tokenizer), tok=tokenizer)
+    assert again.summary["post"] == batched_run[0].summary["post"] and again.summary["batches_done"] == 3
+    p = build_parser()
+    cfg, out = build_config(p.parse_args(["evaluate", "--continue_from_run", str(d), "--num_edits", "3"]))
+    assert out == d and cfg == RunConfig.from_json(d / "config.json") and cfg.edits_per_batch == 3
+    with pytest.raises(RunError, match="num_edits"):
+        build_config(p.parse_args(["evaluate", "--continue_from_run", str(d), "--num_edits", "5"]))
+    with pytest.raises(RunError, match=r"edits_per_batch \(num_edits\): 3 → 2"):
+        run_evaluation(config(files, sequential=False, edits_per_batch=2), d, model=fresh_model(tokenizer), tok=tokenizer)
 
 
 # ----------------------------------------------------------------------------- which cases
@@ -318,7 +364,7 @@ def test_dataset_size_limit_and_seed_orderings_select_cases(files):
 def test_zsre_runs_end_to_end_and_resumes_with_its_stored_hparams(files, tokenizer, work):
     hp = work / "zsre-hparams.json"
     hp.write_text(json.dumps(HPARAMS))
-    cfg = config(files, ds_name="zsre", data=str(files["zsre"]), num_edits=2, hparams_fname=str(hp))
+    cfg = config(files, dataset="zsre", data=str(files["zsre"]), edits_per_batch=2, hparams=str(hp))
     res = run_evaluation(cfg, work / "zsre", model=fresh_model(tokenizer), tok=tokenizer)
     s = res.summary
     assert s["n_cases"] == 4 and s["batches_done"] == 2
@@ -340,7 +386,7 @@ def test_generation_tests_every_kth_case(files, tokenizer, work):
                                              "target_new": {"str": "piano"}, "target_true": {"str": "guitar"}},
          "paraphrase_prompts": [f"{SUBJECTS[i]} is known for the"], "neighborhood_prompts": ["Lennon plays the"],
          "generation_prompts": [f"{SUBJECTS[i]} is"]} for i in range(3)]))
-    res = run_evaluation(config(files, data=str(data), num_edits=3, sequential=False, generation_test_interval=2),
+    res = run_evaluation(config(files, data=str(data), edits_per_batch=3, sequential=False, generation_test_interval=2),
                          work / "gen", model=fresh_model(tokenizer), tok=tokenizer)
     recs = lines(res.run_dir / "cases.jsonl")
     assert ["ngram_entropy" in r["post"] for r in recs] == [True, False, True]
@@ -366,10 +412,8 @@ def test_malformed_dataset_is_a_clear_error_and_writes_nothing(files, tokenizer,
 
 
 def test_downstream_checks_before_and_every_k_batches(files, tokenizer, work):
-    downstream = pytest.importorskip("fastmemit.downstream")
-    DownstreamDataError, default_data_dir = downstream.DownstreamDataError, downstream.default_data_dir
     try:
-        default_data_dir()
+        downstream_data_dir()
     except DownstreamDataError:
         pytest.skip("no downstream data folder")
     cfg = config(files, do_downstream_eval=True, downstream_eval_steps=2, downstream_tasks="sst2",
@@ -397,8 +441,15 @@ def test_plot_and_summarize_commands_compare_two_runs(batched_run, sequential_ru
     assert (Path(b) / "plots" / "metrics.png").is_file() and (Path(b) / "plots" / "metrics.csv").is_file()
     capsys.readouterr()
     assert main(["summarize", a, b]) == 0
-    out = capsys.readouterr().out
-    assert "batched" in out and "sequential" in out and "ES" in out and "batch×3" in out and "seq×3" in out
+    table = [re.split(r" {2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
+    header, rows = table[0], {row[0]: dict(zip(table[0], row)) for row in table[2:4]}
+    assert header[:8] == ["run", "method", "mode", "n", "ES", "PS", "NS", "Score"]
+    # the columns themselves, not the folder names (which are "batched" and "sequential")
+    assert rows["batched"]["mode"] == "batch×3" and rows["sequential"]["mode"] == "seq×3"
+    assert rows["batched"]["n"] == rows["sequential"]["n"] == f"{N_CASES}/{N_CASES}"
+    assert all(r["method"] == "EMMET" and r["status"] == "done" for r in rows.values())
+    s_seq = sequential_run[0].summary
+    assert rows["sequential"]["ES"] == f"{s_seq['pre']['es']:.1f}→{s_seq['post']['es']:.1f} ({s_seq['final']['es']:.1f})"
     assert main(["summarize", a, b, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["mode"] for r in rows] == ["batched", "sequential"] and rows[1]["final"]["n_cases"] == N_CASES

@@ -46,7 +46,7 @@ class DatasetError(FastMemitError, ValueError):
 
 
 class RunError(FastMemitError, ValueError):
-    """An evaluation run folder or run configuration is invalid or inconsistent."""
+    """An evaluation run folder cannot be used: another configuration, a broken checkpoint, a bad setting."""
 
 
 class PlotError(FastMemitError, ValueError):

@@ -10,19 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from fastmemit.cli.common import parse_bool, parse_set_overrides
+from fastmemit.errors import RunError
+from fastmemit.eval.config import ALIAS_OF, FIELD_NAMES, RunConfig, setting_conflicts
+from fastmemit.eval.runner import default_run_dir, run_evaluation
+from fastmemit.eval.summary import metrics_of
 
 NAME = "evaluate"
-HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --num_edits and score them before and "
-        "after; sequential by default (edits accumulate; --sequential false restores the model after each batch); "
-        "resumable: rerun the same command (same --out) after an interruption")
+HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --edits_per_batch and score them before "
+        "and after; sequential by default (edits accumulate; --sequential false restores the model after each "
+        "batch); resumable: rerun the same command (same --out) after an interruption")
 
-# flags whose value is a RunConfig field of the same name (dest), with their argparse type
 _BOOL = "bool"
 
 
 def _flag(p: argparse.ArgumentParser | Any, name: str, kind: Any = str, help: str = "", **kw: Any) -> None:
-    """Add ``--name`` and ``--na-me`` (when different); booleans take an optional true/false value."""
-    forms = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    """``--name`` for the RunConfig field ``name`` (its dest), with ``--na-me`` and the research code's
+    name (:data:`~fastmemit.eval.config.ALIASES`) in both spellings; booleans take an optional
+    true/false value."""
+    names = [name] + ([ALIAS_OF[name]] if name in ALIAS_OF else [])
+    forms = list(dict.fromkeys(f for n in names for f in (f"--{n}", f"--{n.replace('_', '-')}")))
     if kind == _BOOL:
         p.add_argument(*forms, dest=name, nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL",
                        help=help, **kw)
@@ -30,26 +36,25 @@ def _flag(p: argparse.ArgumentParser | Any, name: str, kind: Any = str, help: st
         p.add_argument(*forms, dest=name, type=kind, default=None, help=help, **kw)
 
 
-def _default(field: str) -> Any:
-    from fastmemit.eval.runner import RunConfig
-
-    return next(f.default for f in dataclasses.fields(RunConfig) if f.name == field)
+def _default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = _default
-    g = p.add_argument_group("what to run (the seed's flag names; dash forms accepted too)")
-    _flag(g, "alg_name", help=f"editing method: ROME, MEMIT, EMMET, AlphaEdit (default {d('alg_name')})")
-    _flag(g, "model_name", help=f"model alias, local folder or hub id (default {d('model_name')})")
-    _flag(g, "hparams_fname", help="hparams JSON file or built-in name (default: the built-in for method and model)")
-    _flag(g, "ds_name", help="cf (CounterFact), mcf (multi-CounterFact) or zsre (default cf)",
+    g = p.add_argument_group("what to run (dash forms and the research code's names accepted too: --alg_name, "
+                             "--model_name, --hparams_fname, --ds_name, --num_edits)")
+    _flag(g, "method", help=f"editing method: ROME, MEMIT, EMMET, AlphaEdit (default {d('method')})")
+    _flag(g, "model", help=f"model alias, local folder or hub id (default {d('model')})")
+    _flag(g, "hparams", help="hparams JSON file or built-in name (default: the built-in for method and model)")
+    _flag(g, "dataset", help="cf (CounterFact), mcf (multi-CounterFact) or zsre (default cf)",
           choices=["cf", "counterfact", "mcf", "multi_counterfact", "zsre"])
     _flag(g, "data", help="dataset file (default: the published file in the download cache, see --download)")
     _flag(g, "download", _BOOL, help="download the published dataset when --data is not given (default false)")
     _flag(g, "dataset_size_limit", int, help="use at most N cases (after ordering)")
     _flag(g, "sample_num", int, help="seed ordering K of the case ids (seed-samples file); default: file order")
     _flag(g, "seed_samples", help="seed-samples file or folder (default: seed-samples/ beside --data, or the cache)")
-    _flag(g, "num_edits", int, help=f"batch size: cases edited together (default {d('num_edits')})")
+    _flag(g, "edits_per_batch", int, help=f"cases edited together (default {d('edits_per_batch')})")
     _flag(g, "sequential", _BOOL, help="true (default): edits accumulate over batches; false: batched, the "
                                        "model is restored after every batch")
     _flag(g, "seed", int, help="seeds context templates, the statistics corpus shuffle, torch's RNG (default 0)")
@@ -81,10 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     r = p.add_argument_group("run folder, resuming, saving (may change when resuming)")
     r.add_argument("--out", "--run_dir", "--run-dir", dest="out", default=None,
-                   help="run folder (default: results/<ALG>/run_NNN); an existing run folder with the same "
+                   help="run folder (default: results/<METHOD>/run_NNN); an existing run folder with the same "
                         "configuration is resumed, one with another configuration is refused")
     r.add_argument("--continue_from_run", "--continue-from-run", dest="continue_from_run", default=None,
-                   metavar="RUN", help="resume the run in RUN (a folder, or run_NNN under results/<ALG>) with its "
+                   metavar="RUN", help="resume the run in RUN (a folder, or run_NNN under results/<METHOD>) with its "
                                        "stored settings and hparams; flags that contradict them are refused")
     r.add_argument("--config", default=None, help="take the settings from a run's config.json (reproduce a run); "
                                                   "other flags override them")
@@ -103,12 +108,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--json", action="store_true", help="print summary.json instead of a table")
 
 
-def _config_fields() -> set[str]:
-    from fastmemit.eval.runner import RunConfig
-
-    return {f.name for f in dataclasses.fields(RunConfig)}
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if args.recompute_stats is not None:
@@ -119,13 +118,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _continue_dir(spec: str, alg: str | None) -> Path:
-    from fastmemit.eval.runner import RunError
-
+def _continue_dir(spec: str, method: str | None) -> Path:
     p = Path(spec).expanduser()
     if p.is_dir():
         return p
-    cands = [Path("results") / alg / spec] if alg else sorted(Path("results").glob(f"*/{spec}"))
+    cands = [Path("results") / method / spec] if method else sorted(Path("results").glob(f"*/{spec}"))
     cands = [c for c in cands if c.is_dir()]
     if len(cands) != 1:
         raise RunError(f"--continue_from_run {spec!r}: no such run folder" + (
@@ -133,30 +130,30 @@ def _continue_dir(spec: str, alg: str | None) -> Path:
     return cands[0]
 
 
-def build_config(args: argparse.Namespace) -> tuple[Any, Path]:
-    """The RunConfig and run folder that the flags describe (stored settings first when resuming)."""
-    from fastmemit.eval.runner import RUNTIME_FIELDS, RunConfig, RunError, default_run_dir
+def _continued(args: argparse.Namespace, explicit: dict[str, Any], overrides: dict[str, Any]) -> tuple[RunConfig, Path]:
+    """The stored settings of the run ``--continue_from_run`` names; flags that contradict them are refused."""
+    run_dir = _continue_dir(args.continue_from_run, explicit.get("method"))
+    stored = RunConfig.from_json(run_dir / "config.json")
+    conflicts = setting_conflicts(stored, explicit)
+    conflicts += [f"hparams {k}={v!r} (run: {stored.hparams_overrides.get(k)!r})" for k, v in overrides.items()
+                  if stored.hparams_overrides.get(k) != v]
+    if args.out is not None and Path(args.out).expanduser().resolve() != run_dir.resolve():
+        conflicts.append(f"--out {args.out} (the run is {run_dir})")
+    if conflicts:
+        raise RunError(f"--continue_from_run {run_dir}: these flags contradict the run's settings: "
+                       f"{'; '.join(conflicts)}. Drop them, or start a new run with another --out")
+    return stored, run_dir
 
-    fields = _config_fields()
-    explicit = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for k in ("data", "seed_samples", "consistency_dir", "downstream_data_dir", "hparams_fname"):
-        # paths as the run stores them (absolute), so that a resume from another folder compares equal
-        if k in explicit and (k != "hparams_fname" or Path(explicit[k]).expanduser().exists()):
-            explicit[k] = str(Path(explicit[k]).expanduser().resolve())
+
+def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The RunConfig and run folder that the flags describe (stored settings first when resuming);
+    paths absolute, as the run stores them, so that a resume from another folder compares equal."""
+    explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
     overrides = _overrides(args)
     run_dir: Path | None = None
     if args.continue_from_run is not None:
-        run_dir = _continue_dir(args.continue_from_run, explicit.get("alg_name"))
-        base = RunConfig.from_json(run_dir / "config.json").to_dict()
-        conflicts = [f"--{k} {v!r} (run: {base[k]!r})" for k, v in explicit.items()
-                     if k not in RUNTIME_FIELDS and base[k] != v]
-        conflicts += [f"hparams {k}={v!r} (run: {base['hparams_overrides'].get(k)!r})" for k, v in overrides.items()
-                      if base["hparams_overrides"].get(k) != v]
-        if args.out is not None and Path(args.out).expanduser().resolve() != run_dir.resolve():
-            conflicts.append(f"--out {args.out} (the run is {run_dir})")
-        if conflicts:
-            raise RunError(f"--continue_from_run {run_dir}: these flags contradict the run's settings: "
-                           f"{'; '.join(conflicts)}. Drop them, or start a new run with another --out")
+        stored, run_dir = _continued(args, explicit, overrides)
+        base = stored.to_dict()
     elif args.config is not None:
         base = RunConfig.from_json(args.config).to_dict()
     else:
@@ -164,9 +161,9 @@ def build_config(args: argparse.Namespace) -> tuple[Any, Path]:
     base.update(explicit)
     if overrides:
         base["hparams_overrides"] = {**base["hparams_overrides"], **overrides}
-    cfg = RunConfig.from_dict(base)
+    cfg = RunConfig.from_dict(base).normalized()
     if run_dir is None:
-        run_dir = Path(args.out).expanduser() if args.out is not None else default_run_dir(cfg.alg_name)
+        run_dir = Path(args.out).expanduser() if args.out is not None else default_run_dir(cfg.method)
     return cfg, run_dir
 
 
@@ -175,8 +172,6 @@ def _fmt(v: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastmemit.eval.runner import run_evaluation
-
     cfg, run_dir = build_config(args)
     argv = sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else None
     result = run_evaluation(cfg, run_dir, command=["fastmemit", NAME, *argv] if argv is not None else None,
@@ -185,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    keys = ("efficacy", "generalization", "specificity") if "efficacy" in s.get("post", {}) else ("es", "ps", "ns", "score")
+    keys = metrics_of(s.get("post", {}))
     print(f"{s['method']} {s['mode']} ×{s['num_edits']} on {s['n_cases']} cases ({s['hparams_label']}) → {run_dir}")
     blocks = [b for b in ("pre", "post", "final") if s.get(b)]
     print(f"{'':<8}" + "".join(f"{k:>10}" for k in keys))

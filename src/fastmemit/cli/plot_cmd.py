@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fastmemit.eval.plots import plot_run, plot_runs
+
 NAME = "plot"
 HELP = "plot run folders: metrics vs number of edits (one run) or runs overlaid side by side (several); PNG + CSV"
 
@@ -15,8 +17,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastmemit.eval.plots import plot_run, plot_runs
-
     if len(args.runs) == 1:
         paths = plot_run(args.runs[0], args.out)
     else:

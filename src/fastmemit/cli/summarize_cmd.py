@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastmemit.eval.config import renamed
+from fastmemit.eval.plots import PlotError
+from fastmemit.eval.summary import CF_METRICS, LABELS, ZSRE_METRICS
+
 NAME = "summarize"
 HELP = "print a table comparing run folders (method, cases, metrics pre→post, statistics, times)"
 
-CF = (("ES", "es"), ("PS", "ps"), ("NS", "ns"), ("Score", "score"))
-ZSRE = (("Eff", "efficacy"), ("Gen", "generalization"), ("Spec", "specificity"))
+CF = tuple((LABELS[k], k) for k in CF_METRICS)
+ZSRE = tuple((LABELS[k], k) for k in ZSRE_METRICS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    from fastmemit.eval.plots import PlotError
-
     d = Path(run_dir)
     if not (d / "config.json").is_file():
         raise PlotError(f"{d} is not a run folder (no config.json)")
@@ -58,13 +60,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         s, cfg = r["summary"], r["config"]
-        run = cfg.get("run", {})
+        run = renamed(cfg.get("run", {}))  # folders written before the rename use the research code's names
         t = s.get("time_seconds", {})
         eps = s.get("edits_per_second")
         status = "no summary" if not s else ("partial" if s.get("partial") else "done")
         lines.append([
             Path(r["run_dir"]).name, cfg.get("method", "?"),
-            f"{'seq' if run.get('sequential', True) else 'batch'}×{run.get('num_edits')}",
+            f"{'seq' if run.get('sequential', True) else 'batch'}×{run.get('edits_per_batch')}",
             f"{s.get('n_cases', 0)}/{cfg.get('n_cases', '?')}",
             *[_pp(s, k) for _, k in metrics], _stats_label(s.get("stats", {})),
             *[f"{t[k]:.1f}" if k in t else "-" for k in ("stats", "v", "solve", "eval")],

@@ -1,5 +1,7 @@
-"""Evaluation: datasets (CounterFact, multi-CounterFact, zsRE) and metrics (ES/PS/NS, zsRE accuracies)."""
+"""Evaluation: datasets (CounterFact, multi-CounterFact, zsRE), metrics (ES/PS/NS, zsRE accuracies),
+and resumable evaluation runs (:func:`run_evaluation` with a :class:`RunConfig`)."""
 
+from fastmemit.eval.config import RunConfig
 from fastmemit.eval.datasets import (
     CounterFactCase,
     DatasetError,
@@ -11,6 +13,7 @@ from fastmemit.eval.datasets import (
     load_zsre,
     order_cases,
 )
+from fastmemit.eval.loop import BatchRecord, edit_batches
 from fastmemit.eval.metrics import (
     evaluate_counterfact_case,
     evaluate_counterfact_cases,
@@ -18,12 +21,17 @@ from fastmemit.eval.metrics import (
     score_targets,
     summarize,
 )
+from fastmemit.eval.runner import RunResult, run_evaluation
 
 __all__ = [
+    "BatchRecord",
     "CounterFactCase",
     "DatasetError",
+    "RunConfig",
+    "RunResult",
     "ZsreCase",
     "download_dataset",
+    "edit_batches",
     "evaluate_counterfact_case",
     "evaluate_counterfact_cases",
     "evaluate_zsre_cases",
@@ -32,6 +40,7 @@ __all__ = [
     "load_seed_ordering",
     "load_zsre",
     "order_cases",
+    "run_evaluation",
     "score_targets",
     "summarize",
 ]

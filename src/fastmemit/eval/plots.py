@@ -21,18 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastmemit.errors import FastMemitError
-from fastmemit.eval.metrics import harmonic_mean
+from fastmemit.downstream.plots import plot_downstream
+from fastmemit.errors import PlotError
+from fastmemit.eval.config import renamed
+from fastmemit.eval.summary import CF_METRICS, TITLES, ZSRE_METRICS, MetricMeans, metrics_of
 from fastmemit.utils import atomic_path
 
-CF_METRICS = ("es", "ps", "ns", "score")
-ZSRE_METRICS = ("efficacy", "generalization", "specificity")
-TITLES = {"es": "efficacy success ES", "ps": "paraphrase success PS", "ns": "neighbourhood success NS",
-          "score": "score S", "efficacy": "efficacy", "generalization": "generalization", "specificity": "specificity"}
-
-
-class PlotError(FastMemitError, ValueError):
-    """A folder is not a run folder, or holds nothing to plot."""
+__all__ = ["CF_METRICS", "TITLES", "ZSRE_METRICS", "PlotError", "load_run", "plot_run", "plot_runs", "run_curves",
+           "run_label"]
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -64,23 +60,13 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def run_label(run: Mapping[str, Any]) -> str:
     cfg = run["config"]
-    r = cfg.get("run", {})
+    r = renamed(cfg.get("run", {}))  # run folders written before the rename use the research code's names
     mode = "seq" if r.get("sequential", True) else "batch"
-    return f"{cfg.get('method', r.get('alg_name', '?'))} {mode}×{r.get('num_edits')} {cfg.get('hparams_label', '')}".strip()
+    return f"{cfg.get('method', r.get('method', '?'))} {mode}×{r.get('edits_per_batch')} {cfg.get('hparams_label', '')}".strip()
 
 
 def _metrics_of(cases: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
-    if cases and "efficacy" in cases[0].get("post", {}):
-        return ZSRE_METRICS
-    return CF_METRICS
-
-
-def _mean(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    if key == "score":
-        parts = [_mean(records, k) for k in ("es", "ps", "ns")]
-        return None if any(p is None for p in parts) else harmonic_mean([p for p in parts if p is not None])
-    vals = [float(r[key]) for r in records if r.get(key) is not None]
-    return 100.0 * sum(vals) / len(vals) if vals else None
+    return metrics_of(cases[0].get("post", {})) if cases else CF_METRICS
 
 
 def run_curves(run: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -92,20 +78,24 @@ def run_curves(run: Mapping[str, Any]) -> list[dict[str, Any]]:
         by_batch.setdefault(int(rec["batch"]), []).append(rec)
     metrics = _metrics_of(run["cases"])
     rows: list[dict[str, Any]] = []
-    seen: list[dict[str, Any]] = []
+    post, pre = MetricMeans(), MetricMeans()  # running over the batches so far
     for b in sorted(by_batch):
         recs = by_batch[b]
-        seen += recs
-        row: dict[str, Any] = {"batch": b, "cases_done": len(seen), "edits_so_far": recs[0].get("edits_so_far")}
+        batch = MetricMeans(r["post"] for r in recs)
+        post.add_all(r["post"] for r in recs)
+        pre.add_all(r["pre"] for r in recs)
+        row: dict[str, Any] = {"batch": b, "cases_done": post.n_cases, "edits_so_far": recs[0].get("edits_so_far")}
         for m in metrics:
-            row[f"{m}_batch"] = _mean([r["post"] for r in recs], m)
-            row[m] = _mean([r["post"] for r in seen], m)
-            row[f"{m}_pre"] = _mean([r["pre"] for r in seen], m)
+            row[f"{m}_batch"] = batch.mean(m)
+            row[m] = post.mean(m)
+            row[f"{m}_pre"] = pre.mean(m)
         rows.append(row)
     return rows
 
 
 def _figure(n_rows: int, n_cols: int, w: float = 4.2, h: float = 3.2) -> tuple[Any, Any]:
+    # imported here, as in downstream.plots: matplotlib takes ~0.7 s and reads its rc files at import,
+    # and only a finished run draws
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -172,8 +162,6 @@ def _downstream_plot(run: Mapping[str, Any], png: Path) -> dict[str, Path]:
     records = [row for check in run["downstream"] for row in check.get("records", [])]
     if not records:
         return {}
-    from fastmemit.downstream.plots import plot_downstream
-
     got = plot_downstream(records, png, title=f"downstream checks — {run_label(run)}")
     return {f"downstream_{k}": v for k, v in got.items()}
 
@@ -212,12 +200,25 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_png: str | os.Path
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    # second row: one wide bar panel (pre hatched, post solid, final outlined)
+    data += _bar_panel(fig, axes, runs, labels, metrics)
+    fig.suptitle("runs compared — top: post-edit running mean over the cases so far; bottom: means over all cases")
+    paths = _save(fig, png, data)
+    for run in runs:
+        got = _downstream_plot(run, png.with_name(f"{png.stem}.downstream.{run['dir'].name}.png"))
+        paths.update({f"{k}:{run['dir'].name}": v for k, v in got.items()})
+    return paths
+
+
+def _bar_panel(fig: Any, axes: Any, runs: Sequence[Mapping[str, Any]], labels: Sequence[str],
+               metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """The second row of :func:`plot_runs`: one wide panel of each run's means (bar: post; line:
+    pre; triangle: final model); returns its data rows."""
     for ax in axes[1][1:]:
         ax.remove()
     gs = axes[1][0].get_subplotspec().get_gridspec()
     axes[1][0].remove()
     bar_ax = fig.add_subplot(gs[1, :])
+    data: list[dict[str, Any]] = []
     width = 0.8 / len(runs)
     for k, (run, label) in enumerate(zip(runs, labels)):
         s = run["summary"]
@@ -241,9 +242,4 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_png: str | os.Path
     bar_ax.set_ylabel("mean ×100 (bar: post; line: pre)")
     bar_ax.grid(alpha=0.3, axis="y")
     bar_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle("runs compared — top: post-edit running mean over the cases so far; bottom: means over all cases")
-    paths = _save(fig, png, data)
-    for run in runs:
-        got = _downstream_plot(run, png.with_name(f"{png.stem}.downstream.{run['dir'].name}.png"))
-        paths.update({f"{k}:{run['dir'].name}": v for k, v in got.items()})
-    return paths
+    return data

@@ -1,0 +1,256 @@
+"""The settings of an evaluation run (:class:`RunConfig`), their stored form, and their comparison.
+
+Field names are the library's own (``method``, ``model``, ``hparams``, ``dataset``,
+``edits_per_batch``); the research code's names (``--alg_name``, ``--model_name``,
+``--hparams_fname``, ``--ds_name``, ``--num_edits``) are accepted as aliases by
+:meth:`RunConfig.from_dict` and the CLI, and in the ``config.json`` of run folders written before
+the rename. :data:`ALIASES` is the whole mapping.
+
+A run folder's ``config.json`` holds the settings (its ``"run"`` block, paths made absolute by
+:meth:`RunConfig.normalized`) beside the resolved hparams, the model's fingerprint and the case ids.
+:func:`config_differences` compares two of them on what must not change between a run and its
+restart (everything but :data:`RUNTIME_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastmemit.errors import RunError
+from fastmemit.utils import read_json
+
+RUN_FORMAT = 1  # "format" of config.json
+
+# Built-in short names → (loader name, seed-ordering file).
+DATASETS: dict[str, tuple[str, str]] = {
+    "cf": ("counterfact", "counterfact_sampled_unique_cf_10_20000.json"),
+    "counterfact": ("counterfact", "counterfact_sampled_unique_cf_10_20000.json"),
+    "mcf": ("mcf", "counterfact_sampled_unique_mcf_10_20000.json"),
+    "multi_counterfact": ("mcf", "counterfact_sampled_unique_mcf_10_20000.json"),
+    "zsre": ("zsre", "zsre_sampled_unique_10_10000.json"),
+}
+
+ALL_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu,nli,sentiment_analysis,dialogue"
+
+# The research code's setting name → RunConfig's field (also the keys of config.json files written
+# before the rename).
+ALIASES: dict[str, str] = {
+    "alg_name": "method",
+    "model_name": "model",
+    "hparams_fname": "hparams",
+    "ds_name": "dataset",
+    "num_edits": "edits_per_batch",
+}
+ALIAS_OF: dict[str, str] = {field_name: alias for alias, field_name in ALIASES.items()}
+
+# Fields holding a path, stored absolute so that a restart from another folder compares equal.
+PATH_FIELDS = ("data", "seed_samples", "consistency_dir", "downstream_data_dir")
+
+_POSITIVE = ("edits_per_batch", "eval_batch_size", "eval_chunk", "downstream_eval_steps", "checkpoint_interval",
+             "save_model_interval")
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Fields in :data:`RUNTIME_FIELDS` may change on a restart;
+    any other difference from the run folder's ``config.json`` is refused."""
+
+    method: str = _f("EMMET", "editing method, a registered name: ROME, MEMIT, EMMET, AlphaEdit (alias alg_name)")
+    model: str = _f("smollm2-135m", "model alias, folder or hub id; a label when a model object is passed "
+                                    "(alias model_name)")
+    hparams: str | None = _f(None, "hparams JSON file or built-in name; None: the built-in for (method, model) "
+                                   "(alias hparams_fname)")
+    hparams_overrides: dict[str, Any] = _f(help="hparams fields set on top of the file (recompute_stats, --set ...)",
+                                           factory=dict)
+    dataset: str = _f("cf", "cf | counterfact | mcf | multi_counterfact | zsre (alias ds_name)")
+    data: str | None = _f(None, "dataset file; None: the download cache (see load_dataset)")
+    download: bool = _f(False, "fetch the published dataset file when data is None and it is not cached")
+    dataset_size_limit: int | None = _f(None, "use at most this many cases (after ordering)")
+    sample_num: int | None = _f(None, "seed ordering K of the dataset's seed-samples file; None: file order")
+    seed_samples: str | None = _f(None, "seed-samples file or folder; None: looked up beside the data")
+    edits_per_batch: int = _f(1, "cases per batch, edited together (alias num_edits)")
+    sequential: bool = _f(True, "edits accumulate over batches (False: restore the model after each batch)")
+    seed: int = _f(0, "seeds context templates, the statistics corpus shuffle and torch's RNG per batch")
+    corpus: str | None = _f(None, "statistics corpus; None: hparams.stats_corpus or the default")
+    eval_batch_size: int = _f(32, "(prompt, target) pairs per scoring forward pass")
+    eval_chunk: int = _f(100, "cases per pre/final scoring chunk (the unit written and resumed)")
+    skip_generation_tests: bool = _f(False, "no fluency/consistency generations")
+    generation_test_interval: int = _f(1, "generation tests for every K-th case (K ≤ 0: none)")
+    consistency_dir: str | None = _f(None, "folder of attribute_snippets.json, idf.npy, tfidf_vocab.json")
+    final_eval: bool | None = _f(None, "sequential: score all cases again on the final model (None: on)")
+    do_downstream_eval: bool = _f(False, "few-shot downstream checks before the first edit and every K batches")
+    downstream_eval_steps: int = _f(1, "K: a downstream check after every K batches (and after the last)")
+    downstream_tasks: str = _f(ALL_DOWNSTREAM_TASKS, "comma list of downstream tasks")
+    number_of_few_shots: str | None = _f(None, "comma list, one shot count per task (None: 0)")
+    number_of_tests: int | None = _f(None, "test items per task (None: all)")
+    downstream_data_dir: str | None = _f(None, "folder of <task>.jsonl (None: the downstream default)")
+    dtype: str = _f("float32", "model dtype when the runner loads the model")
+    # --- runtime: may change between a run and its restart
+    device: str = _f("cpu", "torch device when the runner loads the model")
+    use_cache: bool = _f(True, "disk caches of statistics and context templates")
+    stats_cache_dir: str | None = _f(None, "statistics cache folder (None: the user cache)")
+    conserve_memory: bool = _f(False, "no shared z* cache; free accelerator memory between batches")
+    checkpoint_interval: int = _f(1, "sequential: checkpoint the edited model every K batches (and after the last)")
+    save_model: bool = _f(False, "save deltas (or the edited model) every save_model_interval batches")
+    save_model_interval: int = _f(1, "K for save_model")
+    save_model_location: str | None = _f(None, "where save_model writes (None: RUN_DIR/models)")
+    save_model_format: str = _f("deltas", "deltas (safetensors, apply_deltas) | full (save_pretrained folder)")
+    plots: bool = _f(True, "write plots into RUN_DIR/plots at the end")
+    show_progress: bool = _f(True, "progress bars (FASTMEMIT_PROGRESS=0 silences them too)")
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise RunError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        for name in _POSITIVE:
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise RunError(f"{name} must be a positive integer, got {v!r}")
+        if self.dataset_size_limit is not None and (not _is_int(self.dataset_size_limit) or self.dataset_size_limit < 1):
+            raise RunError(f"dataset_size_limit must be a positive integer or None, got {self.dataset_size_limit!r}")
+        if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
+            raise RunError(f"sample_num must be a non-negative integer or None, got {self.sample_num!r}")
+        if self.save_model_format not in ("deltas", "full"):
+            raise RunError(f"save_model_format must be 'deltas' or 'full', got {self.save_model_format!r}")
+        if not isinstance(self.hparams_overrides, dict):
+            raise RunError("hparams_overrides must be a dict")
+
+    @property
+    def mode(self) -> str:
+        return "sequential" if self.sequential else "batched"
+
+    @property
+    def do_final_eval(self) -> bool:
+        return self.sequential and (self.final_eval is None or bool(self.final_eval))
+
+    def normalized(self) -> RunConfig:
+        """This config with its paths absolute (``hparams`` only when it names an existing file)."""
+        return dataclasses.replace(self, **normalized_paths(self.to_dict()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Settings by field name or by the research code's name (:data:`ALIASES`)."""
+        return cls(**canonical_settings(data))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> RunConfig:
+        """A run's ``config.json`` (its ``"run"`` block) or a plain JSON object of settings."""
+        p = Path(path)
+        data = read_json(p, "config file", RunError)
+        if isinstance(data, dict) and "run" in data and isinstance(data["run"], dict):
+            data = data["run"]
+        if not isinstance(data, dict):
+            raise RunError(f"config file {str(p)!r}: expected a JSON object")
+        return cls.from_dict(data)
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunConfig))
+
+RUNTIME_FIELDS = frozenset({"device", "use_cache", "stats_cache_dir", "conserve_memory", "checkpoint_interval",
+                            "save_model", "save_model_interval", "save_model_location", "save_model_format",
+                            "plots", "show_progress", "download"})
+
+
+def field_label(name: str) -> str:
+    """``edits_per_batch (num_edits)``: a field with its research-code alias, for messages."""
+    return f"{name} ({ALIAS_OF[name]})" if name in ALIAS_OF else name
+
+
+def renamed(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the research code's names replaced by field names (nothing checked): the
+    ``"run"`` block of any run folder's ``config.json``, old or new."""
+    return {ALIASES.get(k, k): v for k, v in settings.items()}
+
+
+def canonical_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with aliases renamed to field names; unknown names, or a field given under both of
+    its names with different values, are a :class:`RunError`."""
+    out: dict[str, Any] = {}
+    unknown = sorted(k for k in data if k not in FIELD_NAMES and k not in ALIASES)
+    if unknown:
+        raise RunError(f"unknown run setting(s) {unknown}; known: {', '.join(sorted(FIELD_NAMES))} "
+                       f"(aliases: {', '.join(f'{a}={f}' for a, f in ALIASES.items())})")
+    for key, value in data.items():
+        name = ALIASES.get(key, key)
+        if name in out and out[name] != value:
+            raise RunError(f"run setting {field_label(name)} given twice: {out[name]!r} and {value!r}")
+        out[name] = value
+    return out
+
+
+def normalized_paths(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The path settings among ``settings`` (field names), absolute: :data:`PATH_FIELDS` always,
+    ``hparams`` when it names an existing file (else it is a built-in name)."""
+    out = {}
+    for k in (*PATH_FIELDS, "hparams"):
+        v = settings.get(k)
+        if v is None or (k == "hparams" and not Path(v).expanduser().exists()):
+            continue
+        out[k] = str(Path(v).expanduser().resolve())
+    return out
+
+
+def stored_config(cfg: RunConfig, run_dir: Path, **facts: Any) -> dict[str, Any]:
+    """The ``config.json`` of a run: ``format``, the settings (``run``, paths absolute), then
+    ``facts`` (method, hparams, hparams_source, hparams_label, base_fingerprint, model_class,
+    n_cases, n_batches, case_ids, fastmemit_version, command) and how to reproduce the run."""
+    reproduce = f"fastmemit evaluate --config {shlex.quote(str(run_dir / 'config.json'))} --out NEW_DIR"
+    return {"format": RUN_FORMAT, "run": cfg.normalized().to_dict(), **facts, "reproduce": reproduce}
+
+
+def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a stored config that must be equal for a restart to continue the run (the
+    settings by field name, whichever names the file uses)."""
+    run = renamed(config_json.get("run", {}))
+    return {"format": config_json.get("format"), "run": {k: v for k, v in run.items() if k not in RUNTIME_FIELDS},
+            "method": config_json.get("method"), "hparams": config_json.get("hparams"),
+            "base_fingerprint": config_json.get("base_fingerprint"), "case_ids": config_json.get("case_ids")}
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        name = f"{prefix}{field_label(k) if prefix == 'run.' else k}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            if isinstance(a, list) and isinstance(b, list) and (len(a) > 8 or len(b) > 8):
+                out.append(f"{name}: {len(a)} items → {len(b)} items" if len(a) != len(b) else f"{name}: lists differ")
+            else:
+                out.append(f"{name}: {a!r} → {b!r}")
+    return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"<key>: old → new"`` for every difference between two stored configs that forbids
+    continuing ``old`` with ``new`` (empty: the same run)."""
+    return _differences(identity(old), identity(new))
+
+
+def setting_conflicts(run: RunConfig, wanted: Mapping[str, Any]) -> list[str]:
+    """The settings in ``wanted`` (field names or aliases) that contradict the stored run ``run``
+    (runtime fields never do), as ``"--name value (run: value)"``."""
+    wanted = canonical_settings(wanted)
+    stored = run.to_dict()
+    given = {**stored, **wanted, **normalized_paths(wanted)}
+    return [f"--{field_label(k).replace(' (', ' (--')} {given[k]!r} (run: {stored[k]!r})" for k in wanted
+            if k not in RUNTIME_FIELDS and given[k] != stored[k]]
