@@ -182,7 +182,8 @@ class _Batch:
     def add(self, model: nn.Module, layer: int, delta: torch.Tensor, fan_in_fan_out: bool) -> None:
         """W = W_before + Σ Δ for ``layer`` with one more Δ (d, d_k) float64 math orientation."""
         name, p = self.params[layer]
-        self.totals[layer] += delta.T if fan_in_fan_out else delta  # stored orientation
+        d = delta.to(self.totals[layer].device)  # from the solve's device (the CPU) to the weight's
+        self.totals[layer] += d.T if fan_in_fan_out else d  # stored orientation
         write_weights(model, {name: self.originals[name]}, {name: self.totals[layer].to(p.dtype)})
 
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -293,9 +294,8 @@ class Editor:
             per_layer.setdefault(int(layer), {})[name] = v
         if per_layer and not self.states:
             self.prepare_stats()
-        device = next(self.model.parameters()).device
-        for layer, tensors in per_layer.items():
-            self.method.load_state_dict(self.states[layer], {k: v.to(device) for k, v in tensors.items()})
+        for layer, tensors in per_layer.items():  # on the CPU, beside the keys and statistics the solve uses
+            self.method.load_state_dict(self.states[layer], {k: v.cpu() for k, v in tensors.items()})
 
     # --- the edit --------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditResult:
@@ -341,7 +341,7 @@ class Editor:
         t0 = time.perf_counter()
         for i, layer in enumerate(layers):
             K, H = keys_and_outputs(self.model, rows, len(reqs), len(templates), layer, last)  # (d_k, B), (B, d)
-            R = (t.z - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
+            R = (t.z.to(H.device) - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
             W = as_math(batch.params[layer][1].detach(), self.arch.fan_in_fan_out)  # (d, d_k) current weight
             W = W.to(device=K.device, dtype=torch.float64, copy=True)  # the method's own copy
             state = self.states[layer]
