@@ -18,15 +18,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ALL_VARIANTS, tiny_llm
+from conftest import ALL_VARIANTS, HIDDEN, INNER, tiny_llm
 from fastmemit import editing
-from fastmemit.editing import Editor, EditResult, apply_deltas, edit
+from fastmemit.editing import Editor, EditResult, TargetCache, apply_deltas, edit
 from fastmemit.errors import DeltaMismatchError, EditError, StatisticsError
 from fastmemit.keys_values import keys_and_outputs, rewrite_rows
 from fastmemit.methods import EditHparams, get_method
 from fastmemit.models.arch import as_math, get_arch, mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
+from fastmemit.stats import provider
 
 REQ = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
        "target_true": "French"}
@@ -191,7 +192,13 @@ def test_apply_deltas_refuses_a_different_model(case, tmp_path, tokenizer):
 def test_edit_does_not_mutate_the_callers_requests_or_hparams(case):
     assert case.requests == case.requests_copy
     assert case.hp == case.hp_copy
-    assert case.result.hparams == case.hp.to_dict() and case.result.hparams is not case.hp.to_dict()
+    assert case.result.hparams == case.hp.to_dict()
+    # the result holds its own copy: changing it (a nested list too) leaves the caller's hparams alone
+    case.result.hparams["layers"].append(99)
+    try:
+        assert case.hp == case.hp_copy
+    finally:
+        case.result.hparams["layers"].pop()
 
 
 # ----------------------------------------------------------------------------- the constraint, at model level
@@ -267,7 +274,7 @@ def test_hparams_object_of_the_wrong_class_is_refused(run, tiny_model):
 
 @pytest.mark.parametrize("method", ["EMMET", "AlphaEdit"])
 def test_nan_in_statistics_is_a_statistics_error_and_leaves_the_model_unchanged(run, tokenizer, method, monkeypatch):
-    real = editing.compute_layer_stats
+    real = provider.compute_layer_stats
 
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
@@ -276,7 +283,7 @@ def test_nan_in_statistics_is_a_statistics_error_and_leaves_the_model_unchanged(
             st.sum_kk[3, 5] = float("nan")  # upper triangle only: eigh (AlphaEdit) reads the lower one
         return stats
 
-    monkeypatch.setattr(editing, "compute_layer_stats", poisoned)
+    monkeypatch.setattr(provider, "compute_layer_stats", poisoned)
     model = tiny_llm("llama", len(tokenizer))
     before = snapshot(model)
     with pytest.raises(StatisticsError, match="layer 0.* statistics contains? NaN"):
@@ -292,11 +299,11 @@ def test_an_exception_midway_restores_the_model_and_the_method_state(tokenizer, 
     real = m.layer_delta
     calls: list[int] = []
 
-    def flaky(hp, state, K, R):
+    def flaky(hp, state, K, R, W):
         calls.append(state.layer)
         if len(calls) == 2:
             raise RuntimeError("solver exploded on the second layer")
-        return real(hp, state, K, R)
+        return real(hp, state, K, R, W)
 
     monkeypatch.setattr(m, "layer_delta", flaky)
     editor = make_editor(model, tokenizer, corpus, workdir, method)
@@ -352,9 +359,9 @@ def test_rome_edits_the_requests_of_a_batch_one_after_another(tokenizer, corpus,
     real_delta, real_targets = m.layer_delta, editing.optimize_targets
     batch_sizes: list[tuple[str, int]] = []
 
-    def delta_spy(hp, state, K, R):
+    def delta_spy(hp, state, K, R, W):
         batch_sizes.append(("solve", K.shape[1]))
-        return real_delta(hp, state, K, R)
+        return real_delta(hp, state, K, R, W)
 
     def targets_spy(model_, tok, requests, *args, **kwargs):
         batch_sizes.append(("v*", len(requests)))
@@ -379,9 +386,9 @@ def test_batched_methods_solve_all_requests_together(tokenizer, corpus, workdir,
     real = m.layer_delta
     seen: list[tuple[int, int]] = []
 
-    def spy(hp, state, K, R):
+    def spy(hp, state, K, R, W):
         seen.append((state.layer, K.shape[1]))
-        return real(hp, state, K, R)
+        return real(hp, state, K, R, W)
 
     monkeypatch.setattr(m, "layer_delta", spy)
     model = tiny_llm("llama", len(tokenizer))
@@ -411,3 +418,181 @@ def test_smoke_every_architecture(arch, method, tokenizer, run):
     assert all(torch.isfinite(torch.tensor(result.info["v_nll"])))
     result.restore()
     assert_params_equal(model, before)
+
+
+# ----------------------------------------------------------------------------- statistics and factors
+
+
+def test_rome_without_statistics_then_memit_in_the_same_cache_dir_gives_memit_alone(tokenizer, corpus, tmp_path):
+    """ROME's C without statistics is I, MEMIT's is λI: a factor cached for one must not serve the other."""
+
+    def run_in(cache_dir: Path, method: str, hp: dict[str, Any]) -> EditResult:
+        return edit(tiny_llm("llama", len(tokenizer)), tokenizer, [REQ, REQ_CF], method, hp, corpus=corpus,
+                    stats_cache_dir=cache_dir, use_cache=True, show_progress=False)
+
+    memit_hp = small_hparams(mom2_adjustment=False)
+    alone = run_in(tmp_path / "alone", "MEMIT", memit_hp)
+    run_in(tmp_path / "shared", "ROME", small_hparams(layers=[1], mom2_adjustment=False))
+    after_rome = run_in(tmp_path / "shared", "MEMIT", memit_hp)
+    assert sorted(after_rome.deltas) == sorted(alone.deltas)
+    for name, delta in alone.deltas.items():
+        assert torch.equal(after_rome.deltas[name], delta), name
+
+
+def test_cached_factors_reproduce_the_uncached_edit(tokenizer, corpus, tmp_path):
+    """A second Editor on the same cache folder reads statistics and factors and edits identically."""
+    results = []
+    for use_cache in (False, True, True):
+        model = tiny_llm("gpt2", len(tokenizer))
+        results.append(edit(model, tokenizer, [REQ, REQ_CF], "EMMET", small_hparams(update_norm_lambda=0.5),
+                            corpus=corpus, stats_cache_dir=tmp_path, use_cache=use_cache, show_progress=False))
+    assert len(list(tmp_path.rglob("*.chol.*.safetensors"))) == 2  # one factor per layer, written once
+    for r in results[1:]:
+        assert all(torch.equal(r.deltas[n], d) for n, d in results[0].deltas.items())
+
+
+def _count_stats_passes(monkeypatch) -> list[list[int]]:
+    passes: list[list[int]] = []
+    real = provider.compute_layer_stats
+
+    def spy(model, tok, layers, *args, **kwargs):
+        passes.append(list(layers))
+        return real(model, tok, layers, *args, **kwargs)
+
+    monkeypatch.setattr(provider, "compute_layer_stats", spy)
+    return passes
+
+
+@pytest.mark.parametrize("method", ["EMMET", "ROME"])
+def test_no_statistics_pass_when_the_method_does_not_read_them(method, tokenizer, workdir, monkeypatch, tmp_path):
+    passes = _count_stats_passes(monkeypatch)
+    model = tiny_llm("llama", len(tokenizer))
+    before = snapshot(model)
+    layers = [1] if method == "ROME" else [0, 1]
+    hp = small_hparams(layers=layers, mom2_adjustment=False, recompute_stats=True)
+    editor = Editor(model, tokenizer, method, hp, corpus=tmp_path / "no-such-corpus.jsonl",
+                    stats_cache_dir=workdir / "stats", use_cache=False, show_progress=False)
+    first = editor.edit([REQ])
+    second = editor.edit([REQ_CF])
+    assert passes == []
+    assert all(st.mom2 is None and st.factor is not None for st in editor.states.values())
+    second.restore()
+    first.restore()
+    assert_params_equal(model, before)
+
+
+@pytest.mark.parametrize(("method", "changes", "expected"), [
+    ("EMMET", {}, [[0, 1]]),
+    ("EMMET", {"recompute_stats": True}, [[0, 1], [0, 1]]),
+    ("AlphaEdit", {"mom2_adjustment": False}, [[0, 1]]),  # the projector reads E[k kᵀ] regardless
+])
+def test_one_statistics_pass_serves_every_edited_layer(method, changes, expected, tokenizer, corpus, workdir,
+                                                       monkeypatch):
+    passes = _count_stats_passes(monkeypatch)
+    editor = make_editor(tiny_llm("llama", len(tokenizer)), tokenizer, corpus, workdir, method, small_hparams(**changes))
+    editor.edit([REQ])
+    editor.edit([REQ_CF])
+    assert passes == expected
+
+
+# ----------------------------------------------------------------------------- what the solve sees
+
+
+def test_the_solve_sees_the_current_weight_and_the_weight_before_the_first_edit(tokenizer, corpus, workdir,
+                                                                              monkeypatch):
+    model = tiny_llm("gpt2", len(tokenizer))  # Conv1D: stored (d_k, d), so math orientation is a transpose
+    fan = get_arch(model).fan_in_fan_out
+
+    def weight(layer: int) -> torch.Tensor:
+        return as_math(mlp_down_weight(model, layer)[1].detach(), fan)  # (d, d_k)
+
+    original = {layer: weight(layer).clone() for layer in (0, 1)}
+    m = get_method("MEMIT")
+    real = m.layer_delta
+    seen: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def spy(hp, state, K, R, W):
+        seen.append((state.layer, W.clone(), state.w0, weight(state.layer).double()))
+        return real(hp, state, K, R, W)
+
+    monkeypatch.setattr(m, "layer_delta", spy)
+    editor = make_editor(model, tokenizer, corpus, workdir, "MEMIT", small_hparams(recompute_stats=True))
+    editor.edit([REQ])
+    editor.edit([REQ_CF])  # new statistics, new LayerStates: w0 stays the weight before the first edit
+    assert [s[0] for s in seen] == [0, 1, 0, 1]
+    for layer, W, w0, now in seen:
+        assert W.dtype == torch.float64 and W.shape == (HIDDEN, INNER) and torch.equal(W, now)
+        assert w0.dtype == torch.float32 and w0.shape == (HIDDEN, INNER) and torch.equal(w0, original[layer])
+        assert w0.device == mlp_down_weight(model, layer)[1].device
+    assert torch.equal(seen[0][1], original[0].double())
+    assert not torch.equal(seen[2][1], original[0].double())  # the second batch sees the first one's edit
+
+
+# ----------------------------------------------------------------------------- z* cache, tokenization, state
+
+
+def test_target_cache_serves_later_editors_and_accepts_a_plain_dict(tokenizer, corpus, workdir, monkeypatch):
+    optimized: list[int] = []
+    real = editing.optimize_targets
+
+    def spy(model_, tok, requests, *args, **kwargs):
+        optimized.append(len(requests))
+        return real(model_, tok, requests, *args, **kwargs)
+
+    monkeypatch.setattr(editing, "optimize_targets", spy)
+    store: dict[Any, Any] = {}
+
+    def run_with(cache, requests, **changes) -> tuple[Editor, EditResult]:
+        editor = Editor(tiny_llm("llama", len(tokenizer)), tokenizer, "MEMIT", small_hparams(**changes), corpus=corpus,
+                        stats_cache_dir=workdir / "stats", use_cache=False, show_progress=False, target_cache=cache)
+        return editor, editor.edit(requests)
+
+    first_editor, first = run_with(store, [REQ, REQ_CF])  # a plain dict: the storage of a TargetCache
+    assert isinstance(first_editor.target_cache, TargetCache) and first_editor.target_cache.store is store
+    _, second = run_with(TargetCache(store), [REQ_CF, REQ])
+    assert optimized == [2] and len(store) == 2  # both z* from the cache, in the new order
+    assert all(torch.equal(second.deltas[n], d) for n, d in first.deltas.items())  # same edit, same Δ
+    assert second.info["v_nll"] == first.info["v_nll"][::-1] and second.timings["v"] == 0.0
+    editor, _ = run_with(store, [REQ, {**REQ, "target_new": "German"}])
+    assert optimized == [2, 1]  # only the new request is optimized
+    unedited = tiny_llm("llama", len(tokenizer))  # the key names the weights z* was optimized on
+    assert set(TargetCache.keys(unedited, [EditRequest.from_any(REQ)], editor.templates(), 1, editor.hp)) <= set(store)
+    run_with(store, [REQ], v_lr=0.3)  # another v* setting: another key
+    assert optimized == [2, 1, 1]
+
+
+@pytest.mark.parametrize("method", ["EMMET", "ROME"])
+def test_prompt_rows_are_tokenized_once_per_edit(method, tokenizer, corpus, workdir, monkeypatch):
+    calls: list[int] = []
+    real = editing.rewrite_rows
+
+    def spy(tok, requests, *args, **kwargs):
+        calls.append(len(requests))
+        return real(tok, requests, *args, **kwargs)
+
+    monkeypatch.setattr(editing, "rewrite_rows", spy)
+    hp = small_hparams(layers=[1]) if method == "ROME" else small_hparams()
+    make_editor(tiny_llm("llama", len(tokenizer)), tokenizer, corpus, workdir, method, hp).edit([REQ, REQ_CF])
+    assert calls == [2]
+
+
+def test_editor_state_dict_is_the_methods_memory_keyed_by_layer(tokenizer, corpus, workdir):
+    model = tiny_llm("llama", len(tokenizer))
+    editor = make_editor(model, tokenizer, corpus, workdir, "AlphaEdit")
+    editor.edit([REQ])
+    sd = editor.state_dict()
+    assert sorted(sd) == ["0/Kp", "1/Kp"] and all(v.device.type == "cpu" for v in sd.values())
+    resumed = make_editor(model, tokenizer, corpus, workdir, "AlphaEdit")
+    resumed.load_state_dict(sd)
+    assert all(torch.equal(resumed.states[layer].extra["Kp"], sd[f"{layer}/Kp"]) for layer in (0, 1))
+    go_on = editor.edit([REQ_CF])
+    go_on.restore()
+    again = resumed.edit([REQ_CF])  # the same next batch from the restored memory: the same Δ
+    assert all(torch.equal(again.deltas[n], d) for n, d in go_on.deltas.items())
+    kept = resumed.states[0].extra["Kp"]
+    with pytest.raises(EditError, match="'1/P'"):  # refused as a whole: layer 0's entry is not loaded either
+        resumed.load_state_dict({"0/Kp": sd["1/Kp"], "1/P": torch.eye(INNER, dtype=torch.float64)})
+    assert resumed.states[0].extra["Kp"] is kept
+    with pytest.raises(EditError, match="'7/Kp'"):
+        resumed.load_state_dict({"7/Kp": sd["0/Kp"]})
+    assert make_editor(model, tokenizer, corpus, workdir, "MEMIT").state_dict() == {}

@@ -77,7 +77,7 @@ def test_memit_is_the_least_squares_solution_of_its_objective(d, d_k, B):
     assert rel(direct_memit_delta(p["R"], p["K"], C), expected) < 1e-8
     # the method object computes the same
     state = LayerState(0, p["C0"], factor=FactoredCov(C))
-    assert rel(get_method("MEMIT").layer_delta(EditHparams(layers=[0]), state, p["K"], p["R"]), expected) < 1e-8
+    assert rel(get_method("MEMIT").layer_delta(EditHparams(layers=[0]), state, p["K"], p["R"], p["W"]), expected) < 1e-8
 
 
 def test_memit_does_not_memorize_exactly_but_emmet_does():
@@ -110,8 +110,8 @@ def test_rome_is_rank_one_and_equals_emmet_at_batch_one(d, d_k):
     rome, emmet = get_method("ROME"), get_method("EMMET")
     s_rome = LayerState(0, C0, factor=FactoredCov(rome.preserved_matrix(hp_rome, C0)))
     s_emmet = LayerState(0, C0, factor=FactoredCov(emmet.preserved_matrix(hp_emmet, C0)))
-    d_rome = rome.layer_delta(hp_rome, s_rome, k, r)
-    d_emmet = emmet.layer_delta(hp_emmet, s_emmet, k, r)
+    d_rome = rome.layer_delta(hp_rome, s_rome, k, r, p["W"])
+    d_emmet = emmet.layer_delta(hp_emmet, s_emmet, k, r, p["W"])
     assert int(torch.linalg.matrix_rank(d_rome)) == 1
     assert rel(d_rome, d_emmet) < 1e-8
     # the published formula: Δ = (v* − W k*) (C0⁻¹ k*)ᵀ / (k*ᵀ C0⁻¹ k*)
@@ -138,7 +138,7 @@ def test_alphaedit_update_vanishes_on_the_preserved_subspace(d, d_k, n_big, B):
     p = problem(d, d_k, B, seed=d)
     hp = AlphaEditHparams(layers=[0], nullspace_threshold=2e-2, L2=10.0)
     state = LayerState(0, mom2)
-    delta = get_method("AlphaEdit").layer_delta(hp, state, p["K"], p["R"])  # (d, d_k)
+    delta = get_method("AlphaEdit").layer_delta(hp, state, p["K"], p["R"], p["W"])  # (d, d_k)
     assert delta.shape == (d, d_k)
     scale = float(delta.norm())
     assert scale > 1e-3  # a real update ...
@@ -168,8 +168,8 @@ def test_alphaedit_commit_accumulates_earlier_keys_and_uses_them():
     Kp = state.extra["Kp"]
     A = P @ (c["K"] @ c["K"].T + Kp @ Kp.T) + 10.0 * torch.eye(d_k, dtype=F64)
     expected = torch.linalg.solve(A, P @ c["K"] @ c["R"].T).T
-    assert rel(m.layer_delta(hp, state, c["K"], c["R"]), expected) < 1e-8
-    without = m.layer_delta(hp, LayerState(0, mom2), c["K"], c["R"])
+    assert rel(m.layer_delta(hp, state, c["K"], c["R"], c["W"]), expected) < 1e-8
+    without = m.layer_delta(hp, LayerState(0, mom2), c["K"], c["R"], c["W"])
     assert rel(without, expected) > 1e-6  # the earlier keys do change the answer
 
 
@@ -177,7 +177,7 @@ def test_alphaedit_with_an_empty_null_space_says_so():
     mom2, _, _ = known_spectrum(16, 16)  # every eigenvalue 1.0
     p = problem(8, 16, 2)
     with pytest.raises(EditError, match="null space is empty"):
-        get_method("AlphaEdit").layer_delta(AlphaEditHparams(layers=[0]), LayerState(0, mom2), p["K"], p["R"])
+        get_method("AlphaEdit").layer_delta(AlphaEditHparams(layers=[0]), LayerState(0, mom2), p["K"], p["R"], p["W"])
 
 
 # ----------------------------------------------------------------------------- error paths
@@ -242,7 +242,7 @@ def test_emmet_refuses_more_edits_than_the_key_dimension():
     p = problem(8, 16, 17)
     state = LayerState(0, p["C0"], factor=FactoredCov(p["C0"]))
     with pytest.raises(EditError, match=r"17 equality constraints with d_k = 16"):
-        get_method("EMMET").layer_delta(EditHparams(layers=[0], emmet_lambda=0.0), state, p["K"], p["R"])
+        get_method("EMMET").layer_delta(EditHparams(layers=[0], emmet_lambda=0.0), state, p["K"], p["R"], p["W"])
 
 
 # ----------------------------------------------------------------------------- hparams

@@ -1,6 +1,14 @@
-"""fastmemit: closed-form knowledge editing with FastMEMIT's reduced covariance statistics."""
+"""fastmemit: closed-form knowledge editing with FastMEMIT's reduced covariance statistics.
 
-from fastmemit.editing import Editor, EditResult, apply_deltas, edit
+    model, tok = fastmemit.load_model("smollm2-135m")
+    result = fastmemit.edit(model, tok, requests, method="EMMET")   # result.restore() / .apply() / .save()
+
+Methods are found by name in a registry (:func:`available_methods`; add one with
+:func:`register_method`); :class:`Editor` edits batch after batch and keeps statistics, factors and
+the method's memory between them.
+"""
+
+from fastmemit.editing import Editor, EditResult, TargetCache, apply_deltas, edit, load_deltas
 from fastmemit.errors import (
     CorpusError,
     DeltaMismatchError,
@@ -10,34 +18,47 @@ from fastmemit.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
-from fastmemit.methods import EditHparams, get_method
-from fastmemit.models import ArchSpec, get_arch, load_model, model_fingerprint, register_architecture
+from fastmemit.methods import (
+    AlphaEditHparams,
+    EditHparams,
+    EditMethod,
+    LayerState,
+    available_methods,
+    get_method,
+    register_method,
+)
+from fastmemit.models import ArchSpec, load_model, register_architecture
 from fastmemit.requests import EditRequest
-from fastmemit.stats import LayerStats, compute_layer_stats
+from fastmemit.stats import ALL_KEYS, compute_layer_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_KEYS",
+    "AlphaEditHparams",
     "ArchSpec",
     "CorpusError",
     "DeltaMismatchError",
+    "EditError",
     "EditHparams",
+    "EditMethod",
     "EditRequest",
     "EditResult",
     "Editor",
-    "EditError",
     "FastMemitError",
-    "LayerStats",
+    "LayerState",
     "StatisticsError",
+    "TargetCache",
     "UnknownModelError",
     "UnsupportedArchitectureError",
     "__version__",
     "apply_deltas",
+    "available_methods",
     "compute_layer_stats",
     "edit",
     "get_method",
-    "get_arch",
+    "load_deltas",
     "load_model",
-    "model_fingerprint",
     "register_architecture",
+    "register_method",
 ]

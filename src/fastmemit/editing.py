@@ -1,12 +1,16 @@
 """The editing API: ``edit(model, tok, requests, method=...)`` and the stateful :class:`Editor`.
 
-Flow of one batch (methods differ only in ``layer_delta``):
-  1. validate everything (requests, layers, hparams) before touching the model;
-  2. z* = h + δ at the last edited layer (batched v*, :mod:`fastmemit.keys_values`);
+Flow of one batch (methods differ only in what they declare and in ``layer_delta``):
+  1. validate everything (requests, layers, hparams) and tokenize the prompts once, before touching
+     the model; statistics and factors from the :class:`~fastmemit.stats.provider.PreservedStats`
+     provider, only what the method reads;
+  2. z* = h + δ at the last edited layer (batched v*, :mod:`fastmemit.keys_values`; a
+     :class:`TargetCache` may already hold it);
   3. for each edited layer in order: keys K at that layer and the current output h at the last
      layer on the model as edited so far; residual R = (z* − h) / (layers remaining); Δ from the
-     method; apply;
+     method (which also sees the current weight W); apply; the method commits its memory;
   4. return an :class:`EditResult` holding the deltas, able to restore the exact old weights.
+The Editor orchestrates only: no knowledge of a particular method lives here.
 
 Weights are only ever set to ``original + Δ_total`` (Δ accumulated in float64, cast once), so
 ``apply_deltas`` on an identical model reproduces the edited weights bit for bit.
@@ -16,23 +20,31 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError, StatisticsError
-from fastmemit.keys_values import context_templates, keys_and_outputs, optimize_targets, rewrite_rows
-from fastmemit.linalg import FactoredCov
+from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError
+from fastmemit.hparams_registry import builtin_hparams
+from fastmemit.keys_values import (
+    PromptRow,
+    TargetResult,
+    context_templates,
+    keys_and_outputs,
+    optimize_targets,
+    rewrite_rows,
+)
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
-from fastmemit.models.arch import check_layers, get_arch, mlp_down_weight, num_layers
+from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
-from fastmemit.stats.cache import entry_path, load_entry, save_entry, stats_dir
-from fastmemit.stats.engine import compute_layer_stats
+from fastmemit.stats.provider import PreservedStats
 from fastmemit.utils import atomic_path, logger
 
 FORMAT_VERSION = "1"
@@ -66,8 +78,6 @@ class EditResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the deltas as safetensors with metadata (method, hparams, requests, fingerprint)."""
-        from safetensors.torch import save_file
-
         meta = {
             "format": "fastmemit-deltas",
             "format_version": FORMAT_VERSION,
@@ -109,12 +119,87 @@ def _weight_params(model: nn.Module, layers: Sequence[int]) -> dict[int, tuple[s
     return {layer: mlp_down_weight(model, layer) for layer in layers}
 
 
+TargetValue = tuple[torch.Tensor, torch.Tensor, float, int]  # z (d,), δ (d,) float64, final NLL, steps
+
+
+class TargetCache:
+    """z* of edit requests, kept for Editors that edit the same weights with the same v* settings.
+
+    Runs that compare statistics or solvers on the same batches of a batched run (every batch
+    starts from the unedited model) optimize each z* once. The key of a request is
+    ``(state, prompt, subject, target_new)`` where ``state`` is everything else z* depends on:
+    ``(model fingerprint, templates, last edited layer, fact_token, v_num_grad_steps, v_lr,
+    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop_nll)``. A value is
+    ``(z (d,), δ (d,) float64, final NLL, steps)``. ``store``: a dict to keep the entries in (callers that
+    share a dict share the cache); a new one by default.
+    """
+
+    def __init__(self, store: dict[Any, TargetValue] | None = None) -> None:
+        self.store: dict[Any, TargetValue] = {} if store is None else store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @staticmethod
+    def keys(model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,
+             hp: EditHparams) -> list[tuple[Any, ...]]:
+        """The cache key of each request (see the class docstring)."""
+        state = (model_fingerprint(model), tuple(templates), layer, hp.fact_token, hp.v_num_grad_steps, hp.v_lr,
+                 hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop_nll)
+        return [(state, r.prompt, r.subject, r.target_new) for r in requests]
+
+    def targets(self, model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,
+                hp: EditHparams, optimize: Callable[[list[EditRequest]], TargetResult]) -> TargetResult:
+        """z* of every request: cached ones looked up, the others optimized together by ``optimize``
+        and kept. ``seconds`` is the optimization's time (0 when every request was cached)."""
+        keys = self.keys(model, requests, templates, layer, hp)
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        seconds = 0.0
+        if todo:
+            t = optimize([requests[i] for i in todo])
+            seconds = t.seconds
+            for j, i in enumerate(todo):
+                self.store[keys[i]] = (t.z[j].clone(), t.delta[j].clone(), t.nll[j], t.steps[j])
+        got = [self.store[k] for k in keys]
+        return TargetResult(z=torch.stack([g[0] for g in got]), delta=torch.stack([g[1] for g in got]),  # (B, d)
+                            nll=[g[2] for g in got], steps=[g[3] for g in got], seconds=seconds)
+
+
+@dataclass
+class _Batch:
+    """One ``Editor.edit`` call in progress: the weights it started from and the Δ summed so far."""
+
+    params: dict[int, tuple[str, nn.Parameter]]  # layer -> edited weight
+    timings: dict[str, float]
+    originals: dict[str, torch.Tensor] = field(init=False)  # param name -> weight before the call
+    totals: dict[int, torch.Tensor] = field(init=False)  # layer -> Σ Δ, float64, stored orientation
+    info: dict[str, Any] = field(default_factory=lambda: {"v_nll": [], "v_steps": []})
+
+    def __post_init__(self) -> None:
+        self.originals = {name: p.detach().clone() for name, p in self.params.values()}
+        self.totals = {layer: torch.zeros_like(p, dtype=torch.float64) for layer, (_, p) in self.params.items()}
+
+    def add(self, model: nn.Module, layer: int, delta: torch.Tensor, fan_in_fan_out: bool) -> None:
+        """W = W_before + Σ Δ for ``layer`` with one more Δ (d, d_k) float64 math orientation."""
+        name, p = self.params[layer]
+        d = delta.to(self.totals[layer].device)  # from the solve's device (the CPU) to the weight's
+        self.totals[layer] += d.T if fan_in_fan_out else d  # stored orientation
+        write_weights(model, {name: self.originals[name]}, {name: self.totals[layer].to(p.dtype)})
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {name: self.totals[layer].to(p.dtype) for layer, (name, p) in self.params.items()}
+
+
 class Editor:
     """Edits one model, batch after batch, keeping statistics, factors and method state.
 
     ``Editor(model, tok, "EMMET", hparams).edit(requests)`` applies the edit and returns an
-    :class:`EditResult`. Statistics are computed once per layer (cached on disk) unless
-    ``hparams.recompute_stats`` asks for them on the edited model before every batch.
+    :class:`EditResult`. The Editor orchestrates: statistics and factors come from its
+    :class:`~fastmemit.stats.provider.PreservedStats` (computed once per layer, cached on disk,
+    unless ``hparams.recompute_stats`` asks for them on the edited model before every batch; never
+    when the method does not read them), z* from ``optimize_targets`` (through ``target_cache``,
+    a :class:`TargetCache` or a plain dict used as its storage), Δ from the method. The weights
+    of the edited layers when the Editor is created are kept as each :class:`LayerState`'s ``w0``.
     """
 
     def __init__(
@@ -129,34 +214,45 @@ class Editor:
         seed: int = 0,
         show_progress: bool = True,
         use_cache: bool = True,
-        target_cache: dict[Any, tuple[torch.Tensor, float, int]] | None = None,
+        target_cache: TargetCache | dict[Any, TargetValue] | None = None,
     ) -> None:
         self.model, self.tok = model, tok
         self.method: EditMethod = get_method(method)
         self.hp = resolve_hparams(self.method, hparams, model)
+        self._check_layers()
+        self.arch = get_arch(model)
+        self.seed, self.show_progress, self.use_cache = seed, show_progress, use_cache
+        hp = self.hp
+        count = {"dynamic_multiplier": hp.dynamic_multiplier} if hp.dynamic else {"n_keys": hp.mom2_n_samples}
+        self.stats = PreservedStats(
+            model, tok, corpus=corpus if corpus is not None else hp.stats_corpus, batch_size=hp.stats_batch_size,
+            seq_len=hp.stats_seq_len, seed=seed, cache_dir=stats_cache_dir, use_cache=use_cache,
+            show_progress=show_progress, **count,
+        )
+        self.states: dict[int, LayerState] = {}
+        self._templates: list[str] | None = None
+        # W0 of each edited layer (math orientation, weight's dtype and device): before any edit of this Editor
+        self.w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone()
+                   for layer, (_, p) in _weight_params(model, hp.layers).items()}
+        self.target_cache = TargetCache(target_cache) if isinstance(target_cache, dict) else target_cache
+
+    def _check_layers(self) -> None:
         try:
-            check_layers(model, self.hp.layers)
+            check_layers(self.model, self.hp.layers)
         except FastMemitError:
             raise
         except ValueError as e:  # a FastMemitError, so that the CLI reports it instead of a traceback
             raise EditError(f"hparams.layers: {e}") from None
-        if max(self.hp.layers) == num_layers(model) - 1 and self.hp.fact_token != "last":
+        if max(self.hp.layers) == num_layers(self.model) - 1 and self.hp.fact_token != "last":
             raise EditError(
                 f"hparams.layers ends at the model's final layer ({max(self.hp.layers)}): a change at the subject "
                 "token there cannot reach the later target tokens; edit earlier layers"
             )
-        self.arch = get_arch(model)
-        self.corpus = corpus if corpus is not None else self.hp.stats_corpus
-        self.stats_cache_dir = stats_cache_dir
-        self.seed = seed
-        self.show_progress = show_progress
-        self.use_cache = use_cache
-        self.states: dict[int, LayerState] = {}
-        self._templates: list[str] | None = None
-        self.stats_seconds = 0.0
-        # z* per request depends only on the model's weights, the request, the templates and the v*
-        # hparams: runs that compare statistics or solvers on the same batches can share this dict
-        self.target_cache = target_cache
+
+    @property
+    def stats_seconds(self) -> float:
+        """Time spent in statistics and factors by this Editor."""
+        return self.stats.seconds
 
     # --- lazily built pieces --------------------------------------------------------------
     def templates(self) -> list[str]:
@@ -165,69 +261,41 @@ class Editor:
                                                 seed=self.seed, use_cache=self.use_cache)
         return self._templates
 
-    def _count_kwargs(self) -> dict[str, Any]:
-        if self.hp.dynamic:
-            return {"dynamic_multiplier": self.hp.dynamic_multiplier}
-        return {"n_keys": self.hp.mom2_n_samples}
-
     def prepare_stats(self, force: bool = False) -> None:
-        """Compute (or load) the statistics of every edited layer in one pass, and their factors."""
+        """Statistics (one pass over every edited layer that lacks them) and factors, as the method needs.
+
+        ``force``: recompute them on the model as it is now; the method carries its memory over.
+        """
         layers = [layer for layer in self.hp.layers if force or layer not in self.states]
         if not layers:
             return
-        t0 = time.perf_counter()
-        cache = self.use_cache and not force  # recomputed stats of an edited model are not worth caching
-        stats = compute_layer_stats(
-            self.model, self.tok, layers, self.corpus, batch_size=self.hp.stats_batch_size,
-            seq_len=self.hp.stats_seq_len, seed=self.seed, cache=cache, cache_dir=self.stats_cache_dir,
-            show_progress=self.show_progress, **self._count_kwargs(),
-        )
-        bad = [layer for layer, st in stats.items() if not torch.isfinite(st.sum_kk).all()]
-        if bad:  # checked for every method: AlphaEdit's eigh reads one triangle and would miss a NaN
-            raise StatisticsError(f"layer {', '.join(map(str, bad))} statistics contain NaN or inf")
-        for layer, st in stats.items():
+        matrix = self.method.preserved(self.hp) if self.method.needs_factor else None
+        got = self.stats.layers(layers, mom2=self.method.needs_mom2(self.hp), matrix=matrix, recompute=force)
+        for layer in layers:
+            state = LayerState(layer, got[layer].mom2, got[layer].factor, w0=self.w0[layer])
             old = self.states.get(layer)
-            state = LayerState(layer, st.mom2)
             if old is not None:  # the method's memory of earlier batches survives recomputed statistics
-                state.extra.update({k: v for k, v in old.extra.items() if k in self.method.carried_state})
-            if self.method.needs_factor:
-                state.factor = self._factor(st.mom2, st.key if cache else None, f"layer {layer} statistics")
+                self.method.carry_over(old, state)
             self.states[layer] = state
-        self.stats_seconds += time.perf_counter() - t0
-
-    def _factor(self, mom2: torch.Tensor, stats_key: dict[str, Any] | None, name: str) -> FactoredCov:
-        """Cholesky factor of the method's C, cached beside the statistics when they are cached."""
-        C = self.method.preserved_matrix(self.hp, mom2)  # (d_k, d_k) float64
-        if stats_key is None:
-            return FactoredCov(C, name=name)
-        key = {**stats_key, "factor": self.method.factor_key(self.hp)}
-        path = entry_path(stats_dir(self.stats_cache_dir), key, kind="chol")
-        hit = load_entry(path, key)
-        if hit is not None:
-            return FactoredCov(C, name=name, factor=hit[0]["L"])
-        F = FactoredCov(C, name=name)
-        save_entry(path, {"L": F.L}, key)
-        return F
 
     # --- the method's memory across batches (checkpoints) ---------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's memory of earlier batches, ``{"<layer>/<name>": tensor}`` on the CPU."""
         return {f"{layer}/{k}": v.detach().cpu().contiguous() for layer, st in self.states.items()
-                for k, v in st.extra.items() if k in self.method.carried_state}
+                for k, v in self.method.state_dict(st).items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict` (statistics of the edited layers are prepared first if needed)."""
-        parsed = []
+        per_layer: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in state.items():
             layer, _, name = key.partition("/")
             if not layer.isdigit() or int(layer) not in self.hp.layers or name not in self.method.carried_state:
                 raise EditError(f"{self.method.name} state has an entry {key!r} that this editor does not keep")
-            parsed.append((int(layer), name, v))
-        if parsed and not self.states:
+            per_layer.setdefault(int(layer), {})[name] = v
+        if per_layer and not self.states:
             self.prepare_stats()
-        device = next(self.model.parameters()).device
-        for layer, name, v in parsed:
-            self.states[layer].extra[name] = v.to(device)
+        for layer, tensors in per_layer.items():  # on the CPU, beside the keys and statistics the solve uses
+            self.method.load_state_dict(self.states[layer], {k: v.cpu() for k, v in tensors.items()})
 
     # --- the edit --------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditResult:
@@ -235,81 +303,69 @@ class Editor:
         if not reqs:
             raise EditError("no edit requests given")
         self.method.validate(self.hp, len(reqs))
-        layers = list(self.hp.layers)
-        params = _weight_params(self.model, layers)
+        params = _weight_params(self.model, self.hp.layers)
         templates = self.templates()
-        rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)  # fact tokens resolvable: fail early
+        rows = rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)  # the one tokenization; fails early
         fingerprint = model_fingerprint(self.model)
-        t_stats = self.stats_seconds
-        self.prepare_stats(force=self.hp.recompute_stats and bool(self.states))
-        timings = {"stats": self.stats_seconds - t_stats, "v": 0.0, "solve": 0.0}
-
-        originals = {name: p.detach().clone() for name, p in params.values()}
-        totals = {layer: torch.zeros_like(params[layer][1], dtype=torch.float64) for layer in layers}  # stored shape
-        info: dict[str, Any] = {"v_nll": [], "v_steps": []}
-        groups = [[r] for r in reqs] if getattr(self.method, "one_request_at_a_time", False) else [reqs]
-        extras = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
+        t_stats = self.stats.seconds
+        self.prepare_stats(force=self.hp.recompute_stats and bool(self.states) and self.method.needs_mom2(self.hp))
+        batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0})
+        memory = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
         try:
-            for group in groups:
-                self._edit_group(group, layers, params, originals, totals, templates, timings, info)
+            for group, group_rows in self._groups(reqs, rows, len(templates)):
+                self._edit_group(group, group_rows, templates, batch)
         except BaseException:
-            write_weights(self.model, originals)
-            for layer, extra in extras.items():  # e.g. AlphaEdit's keys of a batch that was never applied
+            write_weights(self.model, batch.originals)
+            for layer, extra in memory.items():  # e.g. AlphaEdit's keys of a batch that was never applied
                 self.states[layer].extra = extra
             raise
-        deltas = {params[layer][0]: totals[layer].to(params[layer][1].dtype) for layer in layers}
-        return EditResult(deltas, self.method.name, self.hp.to_dict(), reqs, fingerprint, timings, info,
-                          self.model, originals)
+        return EditResult(batch.deltas(), self.method.name, self.hp.to_dict(), reqs, fingerprint, batch.timings,
+                          batch.info, self.model, batch.originals)
 
-    def _edit_group(self, reqs: list[EditRequest], layers: list[int], params: dict[int, tuple[str, nn.Parameter]],
-                    originals: dict[str, torch.Tensor], totals: dict[int, torch.Tensor], templates: list[str],
-                    timings: dict[str, float], info: dict[str, Any]) -> None:
+    def _groups(self, reqs: list[EditRequest], rows: list[PromptRow],
+                n_templates: int) -> list[tuple[list[EditRequest], list[PromptRow]]]:
+        """The batch as the method edits it: whole, or one request at a time (rows are request-major)."""
+        if not self.method.one_request_at_a_time:
+            return [(reqs, rows)]
+        return [([r], [replace(row, request=0) for row in rows[b * n_templates:(b + 1) * n_templates]])
+                for b, r in enumerate(reqs)]
+
+    def _edit_group(self, reqs: list[EditRequest], rows: list[PromptRow], templates: list[str], batch: _Batch) -> None:
+        """z* for the group, then for each layer in order: K, R, Δ from the method, applied."""
+        layers = list(self.hp.layers)
         last = layers[-1]
-        z, nll, steps, seconds = self._targets(reqs, templates, last)
-        timings["v"] += seconds
-        info["v_nll"] += nll
-        info["v_steps"] += steps
+        t = self._targets(reqs, templates, last)
+        batch.timings["v"] += t.seconds
+        batch.info["v_nll"] += t.nll
+        batch.info["v_steps"] += t.steps
         t0 = time.perf_counter()
-        rows = rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)
         for i, layer in enumerate(layers):
             K, H = keys_and_outputs(self.model, rows, len(reqs), len(templates), layer, last)  # (d_k, B), (B, d)
-            R = (z - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
+            R = (t.z.to(H.device) - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
+            W = as_math(batch.params[layer][1].detach(), self.arch.fan_in_fan_out)  # (d, d_k) current weight
+            W = W.to(device=K.device, dtype=torch.float64, copy=True)  # the method's own copy
             state = self.states[layer]
-            delta = self.method.layer_delta(self.hp, state, K, R)  # (d, d_k) float64, math orientation
+            delta = self.method.layer_delta(self.hp, state, K, R, W)  # (d, d_k) float64, math orientation
             if not torch.isfinite(delta).all():
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
-            name, p = params[layer]
-            totals[layer] += delta.T if self.arch.fan_in_fan_out else delta  # stored orientation
-            write_weights(self.model, {name: originals[name]}, {name: totals[layer].to(p.dtype)})
+            batch.add(self.model, layer, delta, self.arch.fan_in_fan_out)
             self.method.commit(self.hp, state, K)
-        timings["solve"] += time.perf_counter() - t0
+        batch.timings["solve"] += time.perf_counter() - t0
 
+    def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> TargetResult:
+        """z* (B, d) of the requests: from ``target_cache`` where possible, the rest optimized together."""
 
-    def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> tuple[torch.Tensor, list[float], list[int], float]:
-        """z* (B, d) for the requests, from ``target_cache`` where possible, the rest optimized together."""
+        def optimize(todo: list[EditRequest]) -> TargetResult:
+            return optimize_targets(self.model, self.tok, todo, templates, last, self.hp,
+                                    show_progress=self.show_progress)
+
         if self.target_cache is None:
-            t = optimize_targets(self.model, self.tok, reqs, templates, last, self.hp, show_progress=self.show_progress)
-            return t.z, t.nll, t.steps, t.seconds
-        hp = self.hp
-        base = (model_fingerprint(self.model), tuple(templates), last, hp.fact_token, hp.v_num_grad_steps, hp.v_lr,
-                hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop_nll)
-        keys = [(base, r.prompt, r.subject, r.target_new) for r in reqs]
-        todo = [i for i, k in enumerate(keys) if k not in self.target_cache]
-        seconds = 0.0
-        if todo:
-            t = optimize_targets(self.model, self.tok, [reqs[i] for i in todo], templates, last, hp,
-                                 show_progress=self.show_progress)
-            seconds = t.seconds
-            for j, i in enumerate(todo):
-                self.target_cache[keys[i]] = (t.z[j].clone(), t.nll[j], t.steps[j])
-        got = [self.target_cache[k] for k in keys]
-        return torch.stack([g[0] for g in got]), [g[1] for g in got], [g[2] for g in got], seconds
+            return optimize(reqs)
+        return self.target_cache.targets(self.model, reqs, templates, last, self.hp, optimize)
 
 
 def resolve_hparams(method: EditMethod, hparams: EditHparams | Mapping[str, Any] | str | Path | None, model: nn.Module | None = None) -> EditHparams:
     """Hparams object from an instance, a dict, a JSON path, a built-in name, or None (model default)."""
-    from fastmemit.hparams_registry import builtin_hparams
-
     cls = method.hparams_cls
     if hparams is None:
         return builtin_hparams(method.name, model)
@@ -338,9 +394,7 @@ def edit(
 
 
 def load_deltas(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
+    """The tensors and metadata of a deltas file written by :meth:`EditResult.save` (nothing applied)."""
     p = Path(path)
     if not p.is_file():
         raise DeltaMismatchError(f"deltas file {str(p)!r} does not exist")

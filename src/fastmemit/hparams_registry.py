@@ -8,11 +8,11 @@ built-in name by its config's shape (family, width, depth, MLP width).
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
 
 from torch import nn
 
 from fastmemit.errors import EditError
+from fastmemit.methods import EditHparams, get_method
 
 # (model_type, hidden, layers, d_k) -> built-in model name
 _SHAPES: dict[tuple[str, int, int, int], str] = {
@@ -46,10 +46,8 @@ def available(method: str | None = None) -> dict[str, list[str]]:
     return out
 
 
-def builtin_hparams(method: str, model_or_name: nn.Module | str | None) -> Any:
+def builtin_hparams(method: str, model_or_name: nn.Module | str | None) -> EditHparams:
     """The built-in hparams of ``method`` for a model (object or built-in name)."""
-    from fastmemit.methods import get_method
-
     m = get_method(method)
     name = model_key(model_or_name)
     files = next((v for k, v in available().items() if k.upper() == m.name.upper()), [])

@@ -1,18 +1,18 @@
-"""Editing methods behind one registry: ROME, MEMIT, EMMET, AlphaEdit."""
+"""Editing methods behind one registry: ROME, MEMIT, EMMET, AlphaEdit (and any registered later)."""
 
-from fastmemit.methods import alphaedit, emmet, memit, rome  # noqa: F401  (register)
+from fastmemit.methods import alphaedit, emmet, memit, rome  # noqa: F401  (register the built-in methods)
 from fastmemit.methods.alphaedit import AlphaEditHparams
-from fastmemit.methods.base import METHODS, EditMethod, LayerState, get_method, register_method
+from fastmemit.methods.base import EditMethod, LayerState, available_methods, get_method, register_method
 from fastmemit.methods.emmet import EMMETHparams
 from fastmemit.methods.hparams import EditHparams
 
 __all__ = [
-    "METHODS",
     "AlphaEditHparams",
     "EMMETHparams",
     "EditHparams",
     "EditMethod",
     "LayerState",
+    "available_methods",
     "get_method",
     "register_method",
 ]

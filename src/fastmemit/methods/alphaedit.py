@@ -10,7 +10,6 @@ solved directly in float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -43,14 +42,16 @@ class AlphaEdit(EditMethod):
     name = "AlphaEdit"
     hparams_cls = AlphaEditHparams
     needs_factor = False
-    carried_state = frozenset({"Kp"})  # keys of earlier batches; "P" is derived from the statistics
+    # "Kp": keys of earlier batches (checkpointed, kept across recomputed statistics); "P": the projector,
+    # derived from the statistics, built on first use and rebuilt when they are recomputed
+    carried_state = frozenset({"Kp"})
 
-    def factor_key(self, hp: EditHparams) -> dict[str, Any]:
-        assert isinstance(hp, AlphaEditHparams)
-        return {"threshold": hp.nullspace_threshold}
+    def needs_mom2(self, hp: EditHparams) -> bool:
+        return True  # the projector comes from E[k kᵀ] whatever mom2_adjustment says
 
     def _projector(self, hp: AlphaEditHparams, state: LayerState) -> torch.Tensor:
         if "P" not in state.extra:
+            assert state.mom2 is not None
             state.extra["P"] = null_space_projector(state.mom2, hp.nullspace_threshold)
             if float(torch.trace(state.extra["P"])) < 0.5:
                 raise EditError(
@@ -59,7 +60,9 @@ class AlphaEdit(EditMethod):
                 )
         return state.extra["P"]
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(
+        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
+    ) -> torch.Tensor:
         assert isinstance(hp, AlphaEditHparams)
         P = self._projector(hp, state)  # (d_k, d_k)
         K, R = K.to(F64), R.to(F64)

@@ -3,37 +3,59 @@
 A method turns, for one layer, the preserved-key statistics and a batch's keys K (d_k, B) and
 residuals R (d, B) into a delta Δ (d, d_k) in math orientation (W k = v). Everything around it
 (k*, v*, spreading over layers, applying, undo) is shared code in :mod:`fastmemit.editing`, so the
-CLI and evaluation never branch on method names: they look methods up here.
+CLI and evaluation never branch on method names: they look methods up here, and what differs
+between methods is declared on the method (the ClassVars and hooks of :class:`EditMethod`).
+
+A method object is stateless (one instance serves every Editor); what it keeps for a layer across
+batches lives in that layer's :class:`LayerState`, read and written only by the method's hooks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from fastmemit.errors import EditError
 from fastmemit.linalg import FactoredCov
 from fastmemit.methods.hparams import EditHparams
+from fastmemit.stats.provider import PreservedMatrix
 
 
 @dataclass
 class LayerState:
-    """What a method keeps for one layer across batches (statistics, factors, earlier keys)."""
+    """What the Editor keeps for one edited layer across batches.
+
+    ``mom2`` and ``factor`` come from the statistics provider (replaced when statistics are
+    recomputed); ``extra`` is the method's own memory (see :meth:`EditMethod.state_dict`);
+    ``w0`` is the weight the layer had when the Editor was created, before its first edit.
+    Methods replace ``extra`` entries, never change their tensors in place: the Editor rolls a
+    failed batch back by keeping the dict it had before.
+    """
 
     layer: int
-    mom2: torch.Tensor  # (d_k, d_k) float64, E[k kᵀ]
-    factor: FactoredCov | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    mom2: torch.Tensor | None  # (d_k, d_k) float64 E[k kᵀ]; None when the method does not read it
+    factor: FactoredCov | None = None  # Cholesky factor of the method's C (needs_factor)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    w0: torch.Tensor | None = None  # (d, d_k) math orientation, the weight's dtype and device
 
 
 class EditMethod:
+    """Base class of the methods: override :meth:`layer_delta`, declare the rest."""
+
     name: ClassVar[str]
     hparams_cls: ClassVar[type[EditHparams]] = EditHparams
-    single_layer: ClassVar[bool] = False  # ROME edits exactly one layer
-    needs_factor: ClassVar[bool] = True  # whether layer_delta uses a Cholesky factor of C
-    # LayerState.extra entries that carry memory across batches (saved in checkpoints, kept when the
+    single_layer: ClassVar[bool] = False  # edits exactly one layer (ROME)
+    # the requests of a batch are edited one after another, each on the model the previous one left
+    # (v* and the solve per request), instead of all together (ROME)
+    one_request_at_a_time: ClassVar[bool] = False
+    needs_factor: ClassVar[bool] = True  # layer_delta reads state.factor, the Cholesky factor of C
+    # with the statistics off (mom2_adjustment false), C = λI (True) or I (False: a method whose Δ does not
+    # depend on λ then, ROME); with them on, C = λ E[k kᵀ] either way
+    weighted_identity: ClassVar[bool] = True
+    # LayerState.extra entries that carry memory across batches (checkpointed by state_dict, kept when the
     # statistics are recomputed); other extra entries are derived from the statistics and rebuilt
     carried_state: ClassVar[frozenset[str]] = frozenset()
 
@@ -41,39 +63,78 @@ class EditMethod:
         if self.single_layer and len(hp.layers) != 1:
             raise EditError(f"{self.name} edits exactly one layer; hparams.layers = {hp.layers}")
 
+    # --- what the method needs from the statistics ------------------------------------------------
+    def preserved(self, hp: EditHparams) -> PreservedMatrix:
+        """The C that ``state.factor`` factors: λ·E[k kᵀ] + ε·I (E[k kᵀ] → I when mom2_adjustment is off)."""
+        from_stats = hp.mom2_adjustment and not hp.identity_cov
+        weight = hp.mom2_update_weight if from_stats or self.weighted_identity else 1.0
+        return PreservedMatrix(from_stats, weight, hp.update_norm_lambda)
+
     def preserved_matrix(self, hp: EditHparams, mom2: torch.Tensor) -> torch.Tensor:
-        """C = λ·E[k kᵀ] + ε·I (E[k kᵀ] → I when mom2_adjustment is off), float64 (d_k, d_k)."""
-        eye = torch.eye(mom2.shape[0], dtype=torch.float64, device=mom2.device)
-        if not hp.mom2_adjustment or hp.identity_cov:
-            C = hp.mom2_update_weight * eye if self.name != "ROME" else eye
-        else:
-            C = hp.mom2_update_weight * mom2.to(torch.float64)
-        return C + hp.update_norm_lambda * eye if hp.update_norm_lambda else C
+        """C of :meth:`preserved` from E[k kᵀ] (d_k, d_k): float64 (d_k, d_k)."""
+        return self.preserved(hp).build(mom2, mom2.shape[0])
 
-    def factor_key(self, hp: EditHparams) -> dict[str, Any]:
-        """The hparams the factor of C depends on (part of its cache key)."""
-        return {"adjust": hp.mom2_adjustment and not hp.identity_cov, "lambda": hp.mom2_update_weight,
-                "eps": hp.update_norm_lambda}
+    def needs_mom2(self, hp: EditHparams) -> bool:
+        """Whether this edit reads E[k kᵀ] at all (False: no statistics pass over the corpus)."""
+        return self.needs_factor and self.preserved(hp).from_stats
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    # --- the solve ---------------------------------------------------------------------------------
+    def layer_delta(
+        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
+    ) -> torch.Tensor:
+        """Δ (d, d_k) float64 for keys K (d_k, B) and residuals R (d, B), given the current weight W.
+
+        K, R and W are float64 on the device of the solve (the statistics'); W is in math
+        orientation (d, d_k), the layer's weight before this Δ (``state.w0``: before the first edit).
+        """
         raise NotImplementedError
 
     def commit(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> None:
         """Called after a batch's delta is applied (sequential memory; nothing by default)."""
 
+    # --- the method's memory across batches --------------------------------------------------------
+    def state_dict(self, state: LayerState) -> dict[str, torch.Tensor]:
+        """The memory of earlier batches kept for ``state``'s layer (the :attr:`carried_state` entries)."""
+        return {k: v for k, v in state.extra.items() if k in self.carried_state}
 
-METHODS: dict[str, EditMethod] = {}
+    def load_state_dict(self, state: LayerState, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put back what :meth:`state_dict` returned; an entry this method does not keep is an error."""
+        unknown = sorted(set(tensors) - self.carried_state)
+        if unknown:
+            raise EditError(f"{self.name} state of layer {state.layer} has entries {unknown} that {self.name} does not keep")
+        state.extra.update(tensors)
+
+    def carry_over(self, old: LayerState, new: LayerState) -> None:
+        """Statistics were recomputed: ``new`` replaces ``old``; keep the memory, drop what is derived."""
+        new.extra.update(self.state_dict(old))
 
 
-def register_method(method: EditMethod) -> EditMethod:
-    METHODS[method.name.upper()] = method
+_REGISTRY: dict[str, EditMethod] = {}
+
+
+def register_method(method: EditMethod, *, replace: bool = False) -> EditMethod:
+    """Make ``method`` available by its name (any case); a name taken by another method is refused
+    unless ``replace`` is true. Returns the method (usable as ``register_method(MyMethod())``)."""
+    if not isinstance(method, EditMethod):
+        raise EditError(f"register_method takes an EditMethod instance, got {type(method).__name__}")
+    key = method.name.upper()
+    old = _REGISTRY.get(key)
+    if old is not None and not replace:
+        raise EditError(f"a method named {old.name!r} is already registered ({type(old).__qualname__}); "
+                        "choose another name or pass replace=True")
+    _REGISTRY[key] = method
     return method
 
 
 def get_method(name: str) -> EditMethod:
-    from fastmemit import methods as _m  # noqa: F401  (registers the built-in methods)
-
+    """The method registered as ``name`` (any case). Importing this module runs the package's
+    ``__init__`` first, which registers the built-in methods, so they are always found."""
     key = str(name).upper()
-    if key not in METHODS:
-        raise EditError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[key]
+    if key not in _REGISTRY:
+        raise EditError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _REGISTRY[key]
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods (built-in and added), as they spell themselves, sorted."""
+    return sorted((m.name for m in _REGISTRY.values()), key=str.upper)

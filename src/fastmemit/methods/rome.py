@@ -2,7 +2,9 @@
 
 Δ = (v* − W k*) (C0⁻¹ k*)ᵀ / (k*ᵀ C0⁻¹ k*): EMMET with B = 1 and no ridge (λ cancels). Batches
 of several requests are applied one request after another (each a rank-one update on the model
-as left by the previous one), as the ROME paper does for multiple edits.
+as left by the previous one), as the ROME paper does for multiple edits. With the statistics off
+(mom2_adjustment false) ROME's C is I (+ ε·I), not λI as for the batched methods: any multiple of I
+gives the same Δ in exact arithmetic, and I keeps fastmemit's earlier numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ class ROME(EditMethod):
     hparams_cls = EditHparams
     single_layer = True
     one_request_at_a_time = True
+    weighted_identity = False
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(
+        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
+    ) -> torch.Tensor:
         assert state.factor is not None
         return ridge_system_delta(R, K, state.factor, mu=0.0)  # rank one for B = 1: (d, d_k)
 
