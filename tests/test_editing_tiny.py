@@ -292,11 +292,11 @@ def test_an_exception_midway_restores_the_model_and_the_method_state(tokenizer, 
     real = m.layer_delta
     calls: list[int] = []
 
-    def flaky(hp, state, K, R):
+    def flaky(hp, state, K, R, W):
         calls.append(state.layer)
         if len(calls) == 2:
             raise RuntimeError("solver exploded on the second layer")
-        return real(hp, state, K, R)
+        return real(hp, state, K, R, W)
 
     monkeypatch.setattr(m, "layer_delta", flaky)
     editor = make_editor(model, tokenizer, corpus, workdir, method)
@@ -352,9 +352,9 @@ def test_rome_edits_the_requests_of_a_batch_one_after_another(tokenizer, corpus,
     real_delta, real_targets = m.layer_delta, editing.optimize_targets
     batch_sizes: list[tuple[str, int]] = []
 
-    def delta_spy(hp, state, K, R):
+    def delta_spy(hp, state, K, R, W):
         batch_sizes.append(("solve", K.shape[1]))
-        return real_delta(hp, state, K, R)
+        return real_delta(hp, state, K, R, W)
 
     def targets_spy(model_, tok, requests, *args, **kwargs):
         batch_sizes.append(("v*", len(requests)))
@@ -379,9 +379,9 @@ def test_batched_methods_solve_all_requests_together(tokenizer, corpus, workdir,
     real = m.layer_delta
     seen: list[tuple[int, int]] = []
 
-    def spy(hp, state, K, R):
+    def spy(hp, state, K, R, W):
         seen.append((state.layer, K.shape[1]))
-        return real(hp, state, K, R)
+        return real(hp, state, K, R, W)
 
     monkeypatch.setattr(m, "layer_delta", spy)
     model = tiny_llm("llama", len(tokenizer))

@@ -28,7 +28,7 @@ from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError, Stat
 from fastmemit.keys_values import context_templates, keys_and_outputs, optimize_targets, rewrite_rows
 from fastmemit.linalg import FactoredCov
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
-from fastmemit.models.arch import check_layers, get_arch, mlp_down_weight, num_layers
+from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
 from fastmemit.stats.cache import entry_path, load_entry, save_entry, stats_dir
@@ -187,13 +187,18 @@ class Editor:
             raise StatisticsError(f"layer {', '.join(map(str, bad))} statistics contain NaN or inf")
         for layer, st in stats.items():
             old = self.states.get(layer)
-            state = LayerState(layer, st.mom2)
+            w0 = old.w0 if old is not None else self._math_weight(layer).clone()  # kept across recomputed stats
+            state = LayerState(layer, st.mom2, w0=w0)
             if old is not None:  # the method's memory of earlier batches survives recomputed statistics
                 state.extra.update({k: v for k, v in old.extra.items() if k in self.method.carried_state})
             if self.method.needs_factor:
                 state.factor = self._factor(st.mom2, st.key if cache else None, f"layer {layer} statistics")
             self.states[layer] = state
         self.stats_seconds += time.perf_counter() - t0
+
+    def _math_weight(self, layer: int) -> torch.Tensor:
+        """The edited weight of ``layer`` as it is now, math orientation (d, d_k), weight dtype (a view)."""
+        return as_math(mlp_down_weight(self.model, layer)[1].detach(), self.arch.fan_in_fan_out)
 
     def _factor(self, mom2: torch.Tensor, stats_key: dict[str, Any] | None, name: str) -> FactoredCov:
         """Cholesky factor of the method's C, cached beside the statistics when they are cached."""
@@ -275,7 +280,8 @@ class Editor:
             K, H = keys_and_outputs(self.model, rows, len(reqs), len(templates), layer, last)  # (d_k, B), (B, d)
             R = (z - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
             state = self.states[layer]
-            delta = self.method.layer_delta(self.hp, state, K, R)  # (d, d_k) float64, math orientation
+            W = self._math_weight(layer).to(torch.float64)  # (d, d_k) current weight
+            delta = self.method.layer_delta(self.hp, state, K, R, W)  # (d, d_k) float64, math orientation
             if not torch.isfinite(delta).all():
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
             name, p = params[layer]

@@ -59,7 +59,8 @@ class AlphaEdit(EditMethod):
                 )
         return state.extra["P"]
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor,
+                    W: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(hp, AlphaEditHparams)
         P = self._projector(hp, state)  # (d_k, d_k)
         K, R = K.to(F64), R.to(F64)

@@ -26,6 +26,7 @@ class LayerState:
     mom2: torch.Tensor  # (d_k, d_k) float64, E[k kᵀ]
     factor: FactoredCov | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    w0: torch.Tensor | None = None  # (d, d_k) weight before the Editor's first edit, math orientation, weight dtype
 
 
 class EditMethod:
@@ -55,7 +56,9 @@ class EditMethod:
         return {"adjust": hp.mom2_adjustment and not hp.identity_cov, "lambda": hp.mom2_update_weight,
                 "eps": hp.update_norm_lambda}
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor,
+                    W: torch.Tensor | None = None) -> torch.Tensor:
+        """Δ (d, d_k) from keys K (d_k, B), residuals R (d, B) and the current weight W (d, d_k) float64."""
         raise NotImplementedError
 
     def commit(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> None:

@@ -21,7 +21,8 @@ class EMMET(EditMethod):
     name = "EMMET"
     hparams_cls = EditHparams
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor,
+                    W: torch.Tensor | None = None) -> torch.Tensor:
         assert state.factor is not None
         if K.shape[1] > state.factor.dim:
             raise EditError(

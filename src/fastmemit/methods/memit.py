@@ -17,7 +17,8 @@ class MEMIT(EditMethod):
     name = "MEMIT"
     hparams_cls = EditHparams
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor,
+                    W: torch.Tensor | None = None) -> torch.Tensor:
         assert state.factor is not None
         return ridge_system_delta(R, K, state.factor, mu=1.0)  # (d, d_k)
 

@@ -20,7 +20,8 @@ class ROME(EditMethod):
     single_layer = True
     one_request_at_a_time = True
 
-    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    def layer_delta(self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor,
+                    W: torch.Tensor | None = None) -> torch.Tensor:
         assert state.factor is not None
         return ridge_system_delta(R, K, state.factor, mu=0.0)  # rank one for B = 1: (d, d_k)
 
