@@ -30,7 +30,7 @@ from fastmemit.stats.provider import PreservedMatrix
 
 F64 = torch.float64
 SRC = Path(fastmemit.__file__).resolve().parent
-BUILTIN = ("AlphaEdit", "EMMET", "MEMIT", "ROME")
+BUILTIN = ("AlphaEdit", "EMMET", "ENCORE", "MEMIT", "ROME")
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_register_method_takes_a_method_instance(private_registry):
 
 
 def test_unknown_method_names_the_available_ones():
-    with pytest.raises(EditError, match="unknown method 'nope'; available: AlphaEdit, EMMET, MEMIT, ROME"):
+    with pytest.raises(EditError, match="unknown method 'nope'; available: AlphaEdit, EMMET, ENCORE, MEMIT, ROME"):
         get_method("nope")
 
 

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastmemit.errors import DeltaMismatchError, EditError, FastMemitError
+from fastmemit.errors import ConfigurationError, DeltaMismatchError, EditError
 from fastmemit.hparams_registry import builtin_hparams
 from fastmemit.keys_values import (
     PromptRow,
@@ -239,9 +239,7 @@ class Editor:
     def _check_layers(self) -> None:
         try:
             check_layers(self.model, self.hp.layers)
-        except FastMemitError:
-            raise
-        except ValueError as e:  # a FastMemitError, so that the CLI reports it instead of a traceback
+        except ConfigurationError as e:  # an hparams problem: say which field
             raise EditError(f"hparams.layers: {e}") from None
         if max(self.hp.layers) == num_layers(self.model) - 1 and self.hp.fact_token != "last":
             raise EditError(

@@ -16,6 +16,8 @@ methods differ only in the ridge μ on the B×B system (1 for MEMIT).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastmemit.errors import EditError, StatisticsError
@@ -112,3 +114,73 @@ def direct_emmet_delta(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, mu: fl
     Y = torch.linalg.solve(C, K)  # (d_k, B)
     G = K.T @ Y + mu * torch.eye(K.shape[1], dtype=F64, device=K.device)  # (B, B)
     return torch.linalg.solve(G, R.T).T @ Y.T  # (d, d_k)
+
+
+# ----------------------------------------------------------------------------- norm-constrained editing
+#
+# ENCORE's Frobenius-norm constraint (Gupta et al. 2025, arXiv 2502.01636; docs/lifelong.md) adds
+# λ_n‖Ŵ − W_a‖² to the objective, W_a an anchor weight. With Ŵ = W + Δ (W the current weight),
+#
+#     min_Δ  tr(Δ C Δᵀ) − 2⟨P, Δ⟩ + (1/μ)‖Δ K − R‖²,   C = λC0 (+ε I) + λ_n I,   P = λ_n (W_a − W)
+#
+# (up to a constant), whose stationarity condition Δ (C + K Kᵀ/μ) = R Kᵀ/μ + P gives, by Woodbury
+# with Y = C⁻¹K,
+#
+#     Δ = P C⁻¹ + (R − P Y) (Kᵀ Y + μ I)⁻¹ Yᵀ.
+#
+# μ = 1 is the least-squares (MEMIT) form, μ = emmet_lambda the EMMET form, μ → 0 the exact equality
+# constraint Ŵ K = V. C is fixed for a layer, so one Cholesky factor serves every batch: the pull adds
+# d right-hand sides to the triangular solves (O(d_k²·d)), the edit still needs only a B×B solve.
+# P = 0 (anchor = the weight before the batch, ENCORE's released code) leaves only λ_n I inside C.
+
+
+def norm_constrained_delta(
+    R: torch.Tensor, K: torch.Tensor, F: FactoredCov, mu: float, pull: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Δ = P C⁻¹ + (R − P Y)(Kᵀ Y + μ I)⁻¹ Yᵀ with Y = C⁻¹K, C reached through its factor F: (d, d_k).
+
+    R: (d, B) residuals; K: (d_k, B) keys; F: factor of C = λC0 (+ε I) + λ_n I; pull: P = λ_n (W_a − W),
+    (d, d_k), or None for P = 0 (then this is :func:`ridge_system_delta` exactly).
+    """
+    if pull is None:
+        return ridge_system_delta(R, K, F, mu)  # (d, d_k)
+    if pull.shape != (R.shape[0], F.dim):
+        raise EditError(f"the pull towards the anchor weight has shape {tuple(pull.shape)}, expected {(R.shape[0], F.dim)}")
+    P = pull.to(F64)  # (d, d_k)
+    PCinv = F.solve(P.T).T  # P C⁻¹ = (C⁻¹ Pᵀ)ᵀ, C symmetric: (d, d_k)
+    PY = PCinv @ K.to(F64)  # P C⁻¹ K = P Y: (d, B)
+    return PCinv + ridge_system_delta(R.to(F64) - PY, K, F, mu)  # (d, d_k) + (d, d_k)
+
+
+def direct_norm_constrained_delta(
+    R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, mu: float, pull: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference for :func:`norm_constrained_delta` by direct d_k×d_k solves (O(d_k³)); for tests.
+
+    μ > 0: Δ (C + K Kᵀ/μ) = R Kᵀ/μ + P. μ = 0: min tr(Δ C Δᵀ) − 2⟨P, Δ⟩ s.t. Δ K = R, by its Lagrange
+    conditions Δ C = Λ Kᵀ + P, Δ K = R.
+    """
+    R, K, C = R.to(F64), K.to(F64), C.to(F64)
+    P = torch.zeros(R.shape[0], C.shape[0], dtype=F64, device=R.device) if pull is None else pull.to(F64)  # (d, d_k)
+    if mu > 0:
+        A = C + K @ K.T / mu  # (d_k, d_k), symmetric
+        return torch.linalg.solve(A, (R @ K.T / mu + P).T).T  # (d, d_k)
+    Y = torch.linalg.solve(C, K)  # C⁻¹K: (d_k, B)
+    PCinv = torch.linalg.solve(C, P.T).T  # P C⁻¹: (d, d_k)
+    Lam = torch.linalg.solve((K.T @ Y).T, (R - PCinv @ K).T).T  # Λ (Kᵀ C⁻¹ K) = R − P C⁻¹ K: (d, B)
+    return Lam @ Y.T + PCinv  # (d, B) @ (B, d_k) + (d, d_k)
+
+
+def restrain_spectrum(D: torch.Tensor, cap: float, base: float = math.e) -> torch.Tensor:
+    """PRUNE's restraint (Ma et al. 2025, arXiv 2405.16821) of a perturbation D (d, d_k), float64.
+
+    Singular values σ > cap become min(σ, cap + log_base(σ / cap)); the others and the singular vectors
+    stay. PRUNE takes D = the accumulated edit W − W0 and cap = σ_max(W0), which bounds the condition
+    number of the edited matrix. The min() is ours: for cap < 1/ln(base) PRUNE's map would enlarge some σ.
+    """
+    if not (cap > 0 and base > 1):
+        raise EditError(f"restrain_spectrum needs cap > 0 and base > 1, got cap={cap}, base={base}")
+    U, S, Vh = torch.linalg.svd(D.to(F64), full_matrices=False)  # (d, r), (r,), (r, d_k), r = min(d, d_k)
+    tamed = cap + torch.log(S.clamp_min(cap) / cap) / math.log(base)  # (r,)
+    S = torch.where(S > cap, torch.minimum(S, tamed), S)  # (r,)
+    return (U * S) @ Vh  # U diag(S) Vᵀ: (d, d_k)

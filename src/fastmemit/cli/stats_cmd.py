@@ -40,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fastmemit.models import load_model
     from fastmemit.stats import compute_layer_stats
+    from fastmemit.utils import check_writable
 
+    if args.cache_dir is not None and not args.no_cache:
+        check_writable(args.cache_dir, "--cache-dir", kind="dir")
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     dm = args.dynamic_multiplier
     if dm is None and args.n_tokens is None:
