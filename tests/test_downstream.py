@@ -392,10 +392,18 @@ QUESTIONS = ["Q: team album film? Answer:", "Q: the first school of the universi
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma2", "gemma3_text"])
 def test_shared_prefix_cache_gives_the_same_scores(arch, tiny_model, tokenizer):
+    from fastmemit.downstream import scoring
+
     # gemma2/gemma3 have a 16-token sliding window, shorter than the shots: the cache must not be used there
     model = tiny_model(arch)
     prompts = [SHOTS + q for q in QUESTIONS]
     options = [" yes", " no", " the river"]
+    plan = scoring._plan_options(tokenizer, prompts, options, 256)
+    prefix = scoring._shared_prefix(model, tokenizer, SHOTS, plan.seqs)
+    if arch.startswith("gemma"):
+        assert prefix is None
+    else:  # the cache is used: it covers most of the shots and every input starts with it
+        assert prefix is not None and len(prefix.tokens) >= 8 and all(prefix.starts(s) for s in plan.seqs)
     plain = option_logprobs(model, tokenizer, prompts, options, batch_size=2)
     shared = option_logprobs(model, tokenizer, prompts, options, batch_size=2, shared_prefix=SHOTS)
     torch.testing.assert_close(shared, plain, atol=1e-4, rtol=0)
@@ -405,11 +413,10 @@ def test_shared_prefix_check_catches_a_local_attention_window(tiny_model, tokeni
     from fastmemit.downstream import scoring
 
     # pretend gemma2 had no sliding window: the batched check must still find the difference
-    monkeypatch.setattr(scoring, "_attention_window", lambda model: None)
+    monkeypatch.setattr(scoring, "attention_window", lambda model: None)
     model = tiny_model("gemma2")
     seqs = scoring._token_ids(tokenizer, [SHOTS + q for q in QUESTIONS])
-    runner = scoring._make_runner(model, tokenizer, SHOTS, seqs)
-    assert runner.prefix == () and "disagrees" in caplog.text
+    assert scoring._shared_prefix(model, tokenizer, SHOTS, seqs) is None and "disagrees" in caplog.text
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
@@ -422,19 +429,21 @@ def test_greedy_decoding_matches_hf_generate(arch, tokenizer):
 
 
 def test_shared_prefix_is_cut_where_tokens_part_and_checked(tiny_model, tokenizer, caplog):
-    from fastmemit.downstream.scoring import _make_runner, _Runner, _token_ids
+    from fastmemit.downstream.scoring import _checked, _shared_prefix, _token_ids
+    from fastmemit.lm import PrefixCache, pad_id
 
     model = tiny_model("llama")
     seqs = _token_ids(tokenizer, [SHOTS + q for q in QUESTIONS])
-    runner = _make_runner(model, tokenizer, SHOTS, seqs)
+    prefix = _shared_prefix(model, tokenizer, SHOTS, seqs)
     shots = _token_ids(tokenizer, [SHOTS])[0]
     # "\n\n" + "Q" tokenizes differently from "\n\n" alone: the cached prefix stops before the merge
-    assert 0 < len(runner.prefix) <= len(shots) and all(runner.uses_prefix(s) for s in seqs)
-    assert tuple(seqs[0][: len(runner.prefix)]) == runner.prefix
+    assert prefix is not None and 0 < len(prefix.tokens) <= len(shots) and all(prefix.starts(s) for s in seqs)
+    assert tuple(seqs[0][: len(prefix.tokens)]) == prefix.tokens
+    assert prefix.verify(seqs, tol=1e-3) <= 1e-3
     # a cache that does not belong to the prefix is caught by the check and dropped
-    bad = _Runner(model, tokenizer, list(reversed(runner.prefix)))
-    bad.prefix = runner.prefix
-    assert not bad.verify_prefix(seqs, tol=1e-3) and bad.prefix == ()
+    bad = PrefixCache(model, [list(reversed(prefix.tokens))], pad_id(tokenizer), shared=True)
+    bad.tokens = prefix.tokens
+    assert bad.verify(seqs, tol=1e-3) > 1e-3 and _checked(bad, seqs, tol=1e-3) is None
     assert "disagrees" in caplog.text
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -26,6 +25,7 @@ from torch import nn
 
 from fastmemit.errors import EditError
 from fastmemit.hooks import Trace, edit_output
+from fastmemit.lm import PrefixCache, lm_head, model_device, pad_id, pad_left, target_ids
 from fastmemit.models.arch import get_arch, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
@@ -64,12 +64,12 @@ def context_templates(
 
 @torch.no_grad()
 def sample_continuations(model: nn.Module, tok: Any, starts: list[str], n_tokens: int, seed: int, top_k: int = 5) -> list[str]:
-    """Seeded top-k sampling of ``n_tokens`` new tokens after each start (left-padded batch)."""
-    device = next(model.parameters()).device
+    """Seeded top-k sampling of ``n_tokens`` new tokens after each start (left-padded batch, no cache)."""
+    device = model_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rows = [tok(s, add_special_tokens=True)["input_ids"] for s in starts]
     for _ in range(n_tokens):
-        ids, mask, pos = pad_left(rows, tok.pad_token_id)
+        ids, mask, pos = pad_left(rows, pad_id(tok))
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                        use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()  # (N, V)
         top = torch.topk(logits, top_k, dim=-1)
@@ -81,19 +81,6 @@ def sample_continuations(model: nn.Module, tok: Any, starts: list[str], n_tokens
 
 
 # --- tokenization helpers ---------------------------------------------------------------------
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded (ids, attention_mask, position_ids), each (N, T); positions count real tokens."""
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, t - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, t - len(r) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
-
-
 def fact_position(tok: Any, text: str, subj_start: int, subj_end: int, fact_token: str) -> tuple[list[int], int]:
     """Token ids of ``text`` and the index of the fact token (from character offsets)."""
     enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -104,19 +91,6 @@ def fact_position(tok: Any, text: str, subj_start: int, subj_end: int, fact_toke
     if not covering:
         raise EditError(f"subject span {text[subj_start:subj_end]!r} maps to no token of {text!r}")
     return ids, covering[-1] if fact_token == "subject_last" else covering[0]
-
-
-def target_ids(tok: Any, prompt_ids: list[int], prompt_text: str, target: str) -> list[int]:
-    """Ids of " " + target as they follow the prompt (tokenized together when the prompt's ids are a
-    prefix of the joint tokenization, separately otherwise)."""
-    target = " " + target.strip()
-    joint = tok(prompt_text + target, add_special_tokens=True)["input_ids"]
-    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
-        return joint[len(prompt_ids) :]
-    alone = tok(target, add_special_tokens=False)["input_ids"]
-    if not alone:
-        raise EditError(f"target {target!r} tokenizes to nothing")
-    return alone
 
 
 @dataclass
@@ -149,7 +123,7 @@ def keys_and_outputs(
     """Mean key at ``key_layer`` over templates, K (d_k, B), and the block output of ``out_layer`` at
     the fact token of each request's plain prompt (template 0), H (B, d). Float64."""
     arch = get_arch(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     k_name, h_name = arch.site("mlp_down", key_layer), arch.site("block", out_layer)
     names = [k_name, h_name]
     if out_layer + 1 < num_layers(model):  # nothing after out_layer is needed: stop at the next block
@@ -192,41 +166,20 @@ class _VBatch:
     """Rows of the active requests split at the fact token.
 
     Tokens before the fact token never see δ (causal attention), so they run once, without
-    gradient, into a key/value cache; each optimization step runs only the suffix (fact token,
-    rest of the prompt, target tokens) on a copy of that cache. Prefixes are left padded and
-    suffixes right padded, so the fact token is suffix position 0 in every row.
+    gradient, into a key/value cache (:class:`~fastmemit.lm.PrefixCache`, one prefix per row); each
+    optimization step runs only the suffix (fact token, rest of the prompt, target tokens) on a
+    copy of that cache. Suffixes are right padded, so the fact token is suffix position 0 in every row.
     """
 
-    def __init__(self, model: nn.Module, rows: list[_VRow], active: list[int], pad_id: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, rows: list[_VRow], active: list[int], pad: int, device: torch.device) -> None:
         self.active = list(active)
         slot = {b: a for a, b in enumerate(active)}
         rw = [r for r in rows if r.request in slot and r.target is not None]
         kl = [r for r in rows if r.request in slot and r.target is None]
         self.rows = rw + kl
         self.n_rewrite = len(rw)
-        prefixes = [r.ids[: r.fact] for r in self.rows]
-        suffixes = [r.ids[r.fact :] + (r.target or []) for r in self.rows]
-        p_len = max(len(p) for p in prefixes)
-        s_len = max(len(x) for x in suffixes)
-        n = len(self.rows)
-        p_ids = torch.full((n, p_len), pad_id, dtype=torch.long)
-        p_mask = torch.zeros((n, p_len), dtype=torch.long)
-        s_ids = torch.full((n, s_len), pad_id, dtype=torch.long)
-        s_mask = torch.zeros((n, s_len), dtype=torch.long)
-        for i, (p, x) in enumerate(zip(prefixes, suffixes)):
-            if p:
-                p_ids[i, p_len - len(p) :] = torch.tensor(p)
-                p_mask[i, p_len - len(p) :] = 1
-            s_ids[i, : len(x)] = torch.tensor(x)
-            s_mask[i, : len(x)] = 1
-        mask = torch.cat([p_mask, s_mask], 1)  # (n, P + S)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.s_ids, self.mask, self.s_pos = s_ids.to(device), mask.to(device), pos[:, p_len:].to(device)
-        self.cache = None
-        if p_len:
-            with torch.no_grad():
-                self.cache = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
-                                   position_ids=pos[:, :p_len].to(device), use_cache=True).cache
+        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad)
+        self.batch = self.prefix.batch([r.ids[r.fact :] + (r.target or []) for r in self.rows], side="right")
         first = [len(r.ids) - r.fact for r in self.rows]  # suffix index of the first token after the prompt
         tr, tc, tt = [], [], []
         for k, r in enumerate(rw):
@@ -252,35 +205,31 @@ class _VBatch:
             onehot[0] = 1.0
             return h + onehot * delta_rows.to(h.dtype).unsqueeze(1)  # (n, S, d)
 
-        cache = copy.deepcopy(self.cache) if self.cache is not None else None
         with edit_output(model, block, add):
-            hidden = model.base_model(input_ids=self.s_ids, attention_mask=self.mask, position_ids=self.s_pos,
-                                      cache=cache, use_cache=cache is not None).last_hidden_state  # (n, S, d)
+            hidden = self.prefix.run(self.batch, body=True).last_hidden_state  # (n, S, d)
         nr = self.n_rewrite
         picked = torch.cat([hidden[self.tok_rows, self.tok_cols - 1],  # the position before each target token
                             hidden[nr + torch.arange(len(self.kl_cols), device=hidden.device), self.kl_cols]])  # (m, d)
-        logp = torch.log_softmax(_lm_head(model, picked), dim=-1)  # (m, V)
+        logp = torch.log_softmax(lm_head(model, picked), dim=-1)  # (m, V)
         n_tok = len(self.tok_ids)
         return logp[torch.arange(n_tok, device=logp.device), self.tok_ids], logp[n_tok:]
 
 
-def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Logits (m, V) float32 from final hidden states (m, d), with Gemma-style soft-capping."""
-    logits = model.get_output_embeddings()(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def _v_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], fact_token: str) -> list[_VRow]:
-    rows = []
-    for row in rewrite_rows(tok, requests, templates, fact_token):
-        tgt = target_ids(tok, row.ids, row.text, requests[row.request].target_new)
-        rows.append(_VRow(row.ids, row.fact_pos, row.request, tgt))
+def v_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], fact_token: str,
+           rows: Sequence[PromptRow] | None = None) -> list[_VRow]:
+    """The rows v* runs: every (request, template) prompt followed by its target's tokens
+    (:func:`~fastmemit.lm.target_ids`, the rule the metrics score with), then one essence prompt
+    per request. ``rows``: :func:`rewrite_rows` already computed for these requests and templates."""
+    out = []
+    for row in rows if rows is not None else rewrite_rows(tok, requests, templates, fact_token):
+        ctx, tgt = target_ids(tok, row.text, requests[row.request].target_new, row.ids)
+        # a token straddling the prompt's end belongs to the target: the fact token stays inside the context
+        out.append(_VRow(ctx, min(row.fact_pos, len(ctx) - 1), row.request, tgt))
     for b, r in enumerate(requests):
         text = ESSENCE_TEMPLATE.replace("{}", r.subject)
         ids, pos = fact_position(tok, text, 0, len(r.subject), fact_token)
-        rows.append(_VRow(ids, pos, b, None))
-    return rows
+        out.append(_VRow(ids, pos, b, None))
+    return out
 
 
 def optimize_targets(
@@ -292,21 +241,23 @@ def optimize_targets(
     hp: Any,
     *,
     show_progress: bool = True,
+    rows: Sequence[PromptRow] | None = None,
 ) -> TargetResult:
     """Optimize one δ per request at the block output of ``layer``, all requests together.
 
     Loss per request: mean target NLL over its templates + kl_factor · KL(p_δ‖p_0) on the essence
     prompt + v_weight_decay · ‖δ‖/‖h‖²; Adam; ‖δ‖ clamped to clamp_norm_factor · ‖h‖. A request
     whose NLL falls below ``v_early_stop_nll`` is frozen and its rows leave the batch.
+    ``rows``: :func:`rewrite_rows` of these requests and templates when the caller has them already.
     """
     t0 = time.perf_counter()
     block = get_arch(model).site("block", layer)
-    device = next(model.parameters()).device
+    device = model_device(model)
     n_t, B = len(templates), len(requests)
-    rows = _v_rows(tok, requests, templates, hp.fact_token)
+    vrows = v_rows(tok, requests, templates, hp.fact_token, rows)
 
     active = list(range(B))
-    batch = _VBatch(model, rows, active, tok.pad_token_id, device)
+    batch = _VBatch(model, vrows, active, pad_id(tok), device)
     delta: torch.Tensor | None = None  # (B, d) once h0 is known
     h0 = kl_ref = None
     opt = None
@@ -319,7 +270,7 @@ def optimize_targets(
     try:
         for step in range(hp.v_num_grad_steps):
             if batch.active != active:  # drop finished requests' rows from the batch
-                batch = _VBatch(model, rows, active, tok.pad_token_id, device)
+                batch = _VBatch(model, vrows, active, pad_id(tok), device)
             act = torch.tensor(active, device=device)
             capture: dict[str, torch.Tensor] = {}
             if delta is None:  # first step: δ = 0, read h0 and p_0 from this same forward

@@ -21,6 +21,7 @@ from fastmemit.downstream.scoring import (
     score_prompts,
     split_prompt_option,
 )
+from fastmemit.lm import model_device
 from fastmemit.utils import progress
 
 logger = logging.getLogger("fastmemit.downstream")
@@ -141,7 +142,7 @@ def evaluate_tasks(
     window = max_length or context_length(model, tok)
 
     results: dict[str, dict[str, Any]] = {}
-    device = next(model.parameters()).device
+    device = model_device(model)
     devices = [device] if device.type == "cuda" else []  # fork only the RNGs in use
     with eval_mode(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

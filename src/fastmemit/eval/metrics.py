@@ -1,10 +1,10 @@
 """Evaluation metrics: batched teacher-forced scoring, CounterFact and zsRE metrics, fluency, consistency.
 
 The core is :func:`score_targets`: for many ``(prompt, target)`` pairs, the token ids of the prompt
-and of ``" " + target`` are computed *separately* and concatenated, so the scored tokens are exactly
-the target's, whatever a joint tokenization would have merged at the boundary. Sequences are right
-padded, one forward pass a batch, position ids 0..T-1 for every row (right padding keeps them
-correct), and each target token is scored from the logits one position earlier.
+and of ``" " + target`` after it come from :func:`fastmemit.lm.target_ids` — the same rule v*
+optimizes with, so the metrics score exactly the tokens an edit was made for. Sequences are right
+padded, one forward pass a batch (:func:`fastmemit.lm.score_continuations`), and each target token
+is scored from the logits one position earlier.
 
 Definitions (see ``docs/evaluation.md``): ``P(x) = exp(-mean-token NLL of " " + x)``, the geometric
 mean of the per-token probabilities, as the ROME/MEMIT code computes it. Comparisons are strict: a
@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from fastmemit.errors import EditError
 from fastmemit.eval.datasets import CounterFactCase, TfidfTable, ZsreCase
-from fastmemit.utils import logger, progress
+from fastmemit.lm import eos_ids, greedy_generate, pad_id, score_continuations, target_ids
 
 # Per-case metric keys that summarize() averages (and multiplies by 100).
 COUNTERFACT_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "rewrite_acc", "paraphrase_acc", "neighborhood_acc",
@@ -32,54 +32,28 @@ COUNTERFACT_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "rewrite_acc", "paraphra
 ZSRE_KEYS = ("efficacy", "generalization", "specificity")
 SCORE_PARTS = ("es", "ps", "ns")
 
-# A fixed word placed before " " + target when tokenizing it alone: tokenizers with a SentencePiece
-# "dummy prefix" would otherwise turn the leading space into an extra token.
+# The word :func:`encode_target` puts before a target: the target's ids as they follow a word.
 _TARGET_REF = "a"
 
 
 # ----------------------------------------------------------------------------- tokenization
 
 
-def _ids(tok: Any, text: str, *, special: bool) -> list[int]:
-    return list(tok(text, add_special_tokens=special)["input_ids"])
-
-
 def encode_prompt(tok: Any, prompt: str) -> list[int]:
     """Token ids of a prompt as the model sees it at the start of a text (BOS if the tokenizer adds one)."""
-    ids = _ids(tok, prompt, special=True)
+    ids = list(tok(prompt)["input_ids"])
     if not ids:
-        raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+        raise EditError(f"prompt {prompt!r} tokenizes to nothing")
     return ids
 
 
 def encode_target(tok: Any, target: str) -> list[int]:
-    """Token ids of ``" " + target`` as a continuation (no special tokens).
-
-    Tokenized after a fixed reference word and cut there, so that a SentencePiece dummy prefix does
-    not add a stray space token; for byte-level BPE (GPT-2, Llama-3, SmolLM2) this equals
-    ``tok(" " + target, add_special_tokens=False)``. The ids do not depend on the prompt.
+    """Token ids of ``" " + target`` after a word of running text (:func:`fastmemit.lm.target_ids`
+    after ``"a"``): no SentencePiece dummy-prefix token; for byte-level BPE (GPT-2, Llama-3,
+    SmolLM2) ``tok(" " + target, add_special_tokens=False)``. Scoring uses the ids after each
+    prompt itself, which differ from these only where a token straddles the prompt's end.
     """
-    ref = _ids(tok, _TARGET_REF, special=False)
-    joint = _ids(tok, _TARGET_REF + " " + target, special=False)
-    ids = joint[len(ref):] if joint[: len(ref)] == ref else _ids(tok, " " + target, special=False)
-    if not ids:
-        raise ValueError(f"target {target!r} tokenizes to nothing")
-    return ids
-
-
-def _pad_id(tok: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(tok, name, None)
-        if isinstance(v, int):
-            return v
-    return 0
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    return target_ids(tok, _TARGET_REF, target)[1]
 
 
 # ----------------------------------------------------------------------------- teacher-forced scoring
@@ -108,75 +82,28 @@ class TargetScore:
         return all(self.correct)
 
 
-@torch.no_grad()
 def score_token_ids(
     model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int = 0, batch_size: int = 32
 ) -> list[TargetScore]:
-    """Score ``(prompt_ids, target_ids)`` pairs: one right-padded forward pass per batch.
-
-    Pairs are batched longest first (less padding); results come back in input order.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    for i, (p, t) in enumerate(pairs):
-        if not p or not t:
-            raise ValueError(f"pair {i}: prompt and target need at least one token each")
-    if model.training:
-        logger.warning("scoring a model in training mode (dropout active); call model.eval() first")
-    device = model_device(model)
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    out: list[TargetScore | None] = [None] * len(pairs)
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    for batch in progress(batches, desc="scoring", unit="batch"):
-        seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
-        T = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)
-        for r, s in enumerate(seqs):
-            input_ids[r, : len(s)] = torch.tensor(s)
-            attention_mask[r, : len(s)] = 1
-        position_ids = torch.arange(T).unsqueeze(0).expand(len(seqs), T)  # (B, T); right padding: 0.. per row
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
-        ).logits  # (B, T, V)
-        # Target token j of row r sits at P+j and is predicted at P+j-1 (P = prompt length).
-        rows, cols, tgt = [], [], []
-        for r, i in enumerate(batch):
-            P, tids = len(pairs[i][0]), pairs[i][1]
-            rows += [r] * len(tids)
-            cols += range(P - 1, P - 1 + len(tids))
-            tgt += list(tids)
-        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]  # (N, V)
-        logp = torch.log_softmax(picked.float(), dim=-1)  # (N, V)
-        tgt_t = torch.tensor(tgt, device=logits.device)  # (N,)
-        nll = (-logp.gather(1, tgt_t.unsqueeze(1)).squeeze(1)).tolist()  # (N,)
-        hit = (picked.argmax(dim=-1) == tgt_t).tolist()  # (N,)
-        k = 0
-        for i in batch:
-            n = len(pairs[i][1])
-            out[i] = TargetScore(tuple(pairs[i][1]), tuple(nll[k : k + n]), tuple(bool(h) for h in hit[k : k + n]))
-            k += n
-    return [s for s in out if s is not None]
+    """Score ``(prompt_ids, target_ids)`` pairs: one right-padded forward pass per batch, longest
+    first (:func:`fastmemit.lm.score_continuations`); results come back in input order."""
+    scores = score_continuations(model, pairs, pad=pad_id, batch_size=batch_size, layout="right")
+    return [TargetScore(tuple(t), tuple((-s.logprobs).tolist()), tuple(s.argmax.tolist()))
+            for (_, t), s in zip(pairs, scores)]
 
 
 def score_targets(
     model: nn.Module, tok: Any, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
 ) -> list[TargetScore]:
-    """Teacher-forced scores of ``" " + targets[i]`` after ``prompts[i]`` (see :func:`encode_target`)."""
+    """Teacher-forced scores of ``" " + targets[i]`` after ``prompts[i]`` (ids by :func:`fastmemit.lm.target_ids`)."""
     if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    prompt_cache: dict[str, list[int]] = {}
-    target_cache: dict[str, list[int]] = {}
-    pairs = []
-    for p, t in zip(prompts, targets):
-        if p not in prompt_cache:
-            prompt_cache[p] = encode_prompt(tok, p)
-        if t not in target_cache:
-            target_cache[t] = encode_target(tok, t)
-        pairs.append((prompt_cache[p], target_cache[t]))
+        raise EditError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompt_ids = {p: encode_prompt(tok, p) for p in dict.fromkeys(prompts)}
+    split = {pt: target_ids(tok, pt[0], pt[1], prompt_ids[pt[0]]) for pt in dict.fromkeys(zip(prompts, targets))}
+    pairs = [split[pt] for pt in zip(prompts, targets)]
     # Identical pairs are scored once.
     unique = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in pairs))
-    scores = dict(zip(unique, score_token_ids(model, unique, pad_id=_pad_id(tok), batch_size=batch_size)))
+    scores = dict(zip(unique, score_token_ids(model, unique, pad_id=pad_id(tok), batch_size=batch_size)))
     return [scores[(tuple(p), tuple(t))] for p, t in pairs]
 
 
@@ -222,33 +149,18 @@ def tfidf_similarity(text_a: str, text_b: str, table: TfidfTable) -> float:
     return sum(v * b.get(j, 0.0) for j, v in a.items()) / (na * nb)
 
 
-@torch.no_grad()
 def generate_greedy(
     model: nn.Module, tok: Any, prompts: Sequence[str], *, max_new_tokens: int = 100, batch_size: int = 16
 ) -> list[str]:
-    """Greedy continuations, batched with left padding; returns prompt + continuation, decoded.
+    """Greedy continuations (:func:`fastmemit.lm.greedy_generate`, batches in the given order);
+    returns prompt + continuation, decoded without special tokens.
 
-    Padding is built here (the caller's tokenizer is not switched to left padding). Generation stops
-    early only when every row has produced the end-of-sequence token.
+    The caller's tokenizer is not switched to left padding. Generation stops early only when every
+    row of a batch has produced the end-of-sequence token.
     """
-    device = model_device(model)
-    pad = _pad_id(tok)
-    texts: list[str] = []
-    for s in progress(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
-        ids = [encode_prompt(tok, p) for p in prompts[s : s + batch_size]]
-        T = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), T), pad, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(ids), T), dtype=torch.long)  # (B, T)
-        for r, x in enumerate(ids):
-            input_ids[r, T - len(x):] = torch.tensor(x)
-            attention_mask[r, T - len(x):] = 1
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad,
-        )  # (B, T + new)
-        for r, x in enumerate(ids):
-            texts.append(tok.decode(x + out[r, T:].tolist(), skip_special_tokens=True))
-    return texts
+    rows = [encode_prompt(tok, p) for p in prompts]
+    out = greedy_generate(model, rows, max_new_tokens, pad=pad_id(tok), eos=eos_ids(model, tok), batch_size=batch_size)
+    return [tok.decode(r + t, skip_special_tokens=True) for r, t in zip(rows, out.tokens)]
 
 
 # ----------------------------------------------------------------------------- CounterFact

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastmemit.errors import CorpusError, StatisticsError
 from fastmemit.hooks import Trace
+from fastmemit.lm import pad_right
 from fastmemit.models.arch import check_layers, get_arch, key_dim
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.stats.cache import entry_lock, entry_path, load_entry, save_entry, stats_dir
@@ -120,16 +121,11 @@ def token_chunks(tok: Any, docs: Iterator[str], seq_len: int, docs_per_call: int
 
 
 def padded_batches(chunks: Iterator[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) pairs, right padded: (B, T) long each."""
+    """(input_ids, attention_mask) pairs, right padded (:func:`fastmemit.lm.pad_right`): (B, T) long each."""
     rows: list[list[int]] = []
 
     def make() -> tuple[torch.Tensor, torch.Tensor]:
-        t = max(len(r) for r in rows)
-        ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), t), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        ids, mask, _ = pad_right(rows, pad_id)  # positions: the model's own (columns), as before
         rows.clear()
         return ids, mask
 

