@@ -308,6 +308,13 @@ def test_sentencepiece_dummy_prefix_does_not_add_a_space_token() -> None:
     assert encode_prompt(tok, "The city of") + encode_target(tok, "Paris") == tok("The city of Paris")["input_ids"]
 
 
+def test_a_target_is_scored_after_exactly_one_space(tiny_llama: nn.Module, gpt2_tok: Any) -> None:
+    """zsRE answers such as " Dickens" keep their leading space in the data: the target is stripped,
+    as v* strips it (one rule, fastmemit.lm.target_ids), not scored after two spaces."""
+    padded, plain = score_targets(tiny_llama, gpt2_tok, ["The author of Bleak House is"] * 2, [" Dickens ", "Dickens"])
+    assert padded == plain and padded.token_ids == tuple(gpt2_tok(" Dickens", add_special_tokens=False)["input_ids"])
+
+
 def test_batched_scoring_equals_one_at_a_time_on_a_tiny_llama(tiny_llama: nn.Module, gpt2_tok: Any) -> None:
     prompts = ["The Eiffel Tower is located in", "Danielle Darrieux's mother tongue is", "Paris is the capital of",
                "nq question: who plays the cat in the hat movie?", "A", "The Space Needle is in the city of"]

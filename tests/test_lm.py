@@ -7,7 +7,9 @@
 - the teacher-forced scorer: both layouts and a shared prefix equal a plain forward pass;
 - the one rule for the target's tokens after a prompt, with byte-level BPE and with two small
   SentencePiece tokenizers (Llama-2's dummy prefix, Gemma's merged spaces): v*, the CounterFact
-  metrics and the downstream options see the same ids, and those are the whole text's tokens.
+  metrics and the downstream options see the same ids, and those are the whole text's tokens;
+- v* on the runner: micro-batches (``v_max_rows``) give one batch's result and bound the rows per
+  forward pass; ENCORE's most-probable early stopping (``v_early_stop="mpes"``).
 """
 
 from __future__ import annotations
@@ -332,3 +334,108 @@ def test_gemma3_tokenizer_vstar_and_metrics_agree(tiny_model: Any) -> None:
         assert ctx + ids == tok(text + " " + target.strip())["input_ids"]
     ctx, opt = split_continuation(tok, "Answer: ", " Yes")  # cola's prompt: Gemma reads "▁▁" + "Yes"
     assert tok.convert_ids_to_tokens(opt) == ["▁▁", "Yes"] and ctx == tok("Answer:")["input_ids"]
+
+
+# ----------------------------------------------------------------------------- v* on the runner: micro-batches, early stopping
+
+V_REQUESTS = [EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
+              EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="piano"),
+              EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="New York"),
+              EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome"),
+              EditRequest(prompt="{} was born in", subject="Albert Einstein", target_new="the old city of London")]
+V_TEMPLATES = ["{}", "The river flows. {}", "Music of the year. {}"]
+
+
+def _v_hparams(**changes: Any) -> EditHparams:
+    # fact token "last" and a sharp LM head: δ moves the tiny models' target NLL by several nats
+    hp: dict[str, Any] = dict(layers=[0], v_num_grad_steps=15, fact_token="last", v_early_stop_nll=3.0,
+                              context_template_length_params=[])
+    return EditHparams(**{**hp, **changes})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_vstar_micro_batches_give_the_result_of_one_batch(arch: str, tiny_model: Any, tokenizer: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastmemit import keys_values
+
+    model = _peaky(tiny_model, arch)
+    whole = optimize_targets(model, tokenizer, V_REQUESTS, V_TEMPLATES, 0, _v_hparams(), show_progress=False)
+    if arch == "llama":  # requests stop at different steps: rows leave the micro-batches as they go
+        assert len(set(whole.steps)) > 2 and min(whole.steps) < 15 == max(whole.steps)
+    sizes: list[int] = []
+    init = keys_values._VBatch.__init__
+
+    def record(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        sizes.append(len(self.rows))
+
+    monkeypatch.setattr(keys_values._VBatch, "__init__", record)
+    for max_rows, per in ((4, 1), (9, 2)):  # 3 templates + 1 essence prompt = 4 rows a request
+        sizes.clear()
+        part = optimize_targets(model, tokenizer, V_REQUESTS, V_TEMPLATES, 0, _v_hparams(v_max_rows=max_rows),
+                                show_progress=False)
+        assert sizes and max(sizes) == 4 * per  # no forward pass holds more rows than the budget
+        assert part.steps == whole.steps
+        torch.testing.assert_close(part.delta, whole.delta, atol=1e-5 * float(whole.delta.abs().max()), rtol=0)
+        assert part.nll == pytest.approx(whole.nll, abs=1e-5)
+
+
+class _Boost:
+    """Adds ``amount`` to one token's logit everywhere (an LM-head hook): that token becomes the argmax
+    while its probability stays far from 1."""
+
+    def __init__(self, model: torch.nn.Module, token_id: int, amount: float) -> None:
+        self.model, self.token_id, self.amount = model, token_id, amount
+
+    def __enter__(self) -> _Boost:
+        def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[..., self.token_id] += self.amount
+            return out
+
+        self.handle = self.model.get_output_embeddings().register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def test_mpes_stops_a_request_once_every_target_token_is_the_argmax(tiny_model: Any, tokenizer: Any) -> None:
+    model = tiny_model("llama")
+    (the,) = tokenizer(" the", add_special_tokens=False)["input_ids"]
+    reqs = [EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="the"),  # the argmax everywhere
+            EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="piano"),  # never the argmax
+            EditRequest(prompt="{} was born in", subject="Albert Einstein", target_new="the piano")]  # 1 of 2 tokens
+    hp = EditHparams(layers=[1], v_num_grad_steps=4, context_template_length_params=[])
+    with _Boost(model, the, 8.0):  # p(" the") ≈ e^8 / (e^8 + 50k) ≈ 0.06: the argmax, NLL ≈ 2.9
+        mpes = optimize_targets(model, tokenizer, reqs, V_TEMPLATES, 1, hp.replace(v_early_stop="mpes"),
+                                show_progress=False)
+        nll = optimize_targets(model, tokenizer, reqs, V_TEMPLATES, 1, hp, show_progress=False)
+    assert mpes.steps == [1, 4, 4]  # stopped before the first update: δ stays 0
+    assert float(mpes.delta[0].abs().max()) == 0.0 and mpes.nll[0] > hp.v_early_stop_nll
+    assert nll.steps == [4, 4, 4]  # the NLL rule does not stop it
+    assert mpes.nll[1:] == pytest.approx(nll.nll[1:], abs=1e-5)  # the other requests are untouched by the rule
+
+
+def test_vstar_hparams_are_checked() -> None:
+    with pytest.raises(EditError, match="v_early_stop"):
+        EditHparams(v_early_stop="loss")
+    with pytest.raises(EditError, match="v_max_rows"):
+        EditHparams(v_max_rows=-1)
+    assert EditHparams.from_dict({"v_early_stop": "mpes", "v_max_rows": 40}).v_max_rows == 40
+
+
+@pytest.mark.integration
+def test_smollm2_vstar_micro_batches_match_one_batch(smollm2: Any) -> None:
+    """On the real model (real gradients): micro-batches of one request give one batch's δ to float
+    tolerance (Adam's first steps are ±lr per component, so a component whose gradient is ~0 may
+    differ by more; the norms agree to 1e-4)."""
+    model, tok = smollm2
+    hp = EditHparams(layers=[8], v_num_grad_steps=5, context_template_length_params=[])
+    templates = ["{}", "The river flows. {}", "Music of the year. {}"]
+    whole = optimize_targets(model, tok, V_REQUESTS[:3], templates, 8, hp, show_progress=False)
+    part = optimize_targets(model, tok, V_REQUESTS[:3], templates, 8, hp.replace(v_max_rows=4), show_progress=False)
+    assert part.steps == whole.steps
+    assert part.nll == pytest.approx(whole.nll, abs=1e-4)
+    rel = (part.delta - whole.delta).norm(dim=1) / whole.delta.norm(dim=1)
+    assert float(rel.max()) < 1e-4

@@ -6,8 +6,11 @@
   all templates.
 - z* of a request: the block output at the last edited layer, at the fact token of the plain
   prompt, plus a vector δ optimized so the model predicts ``target_new`` (NLL + KL + weight decay,
-  norm clamp). All requests of a batch are optimized together: one left-padded forward per step,
-  an independent δ per request, finished requests frozen and dropped from the batch.
+  norm clamp). All requests of a batch are optimized together: an independent δ per request, one
+  forward per step (or one per micro-batch of ``v_max_rows`` prompts, gradients accumulated: the
+  losses are independent, so the result is the same and memory stays bounded); a request stops
+  by its NLL (``v_early_stop = "nll"``) or once every target token is the argmax under every
+  template (``"mpes"``, ENCORE's most-probable early stopping), and its rows leave the batch.
 """
 
 from __future__ import annotations
@@ -194,9 +197,11 @@ class _VBatch:
         self.kl_cols = torch.tensor([first[self.n_rewrite + i] - 1 for i in range(len(kl))], device=device)  # last token
         self.row_slot = torch.tensor([slot[r.request] for r in self.rows], device=device)  # (n,) index into active
 
-    def forward(self, model: nn.Module, block: str, delta_rows: torch.Tensor, capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the target tokens (n_target_tokens,) and of the essence rows' next token
-        (n_kl, V), with ``delta_rows`` (n, d) added at the fact token of block ``block``.
+    def forward(self, model: nn.Module, block: str, delta_rows: torch.Tensor,
+                capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs of the target tokens (n_target_tokens,), of the essence rows' next token (n_kl, V),
+        and whether each target token is the argmax (n_target_tokens,), with ``delta_rows`` (n, d)
+        added at the fact token of block ``block``.
 
         The LM head runs only on the positions read (a few per row), not on every position."""
         def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d)
@@ -212,7 +217,25 @@ class _VBatch:
                             hidden[nr + torch.arange(len(self.kl_cols), device=hidden.device), self.kl_cols]])  # (m, d)
         logp = torch.log_softmax(lm_head(model, picked), dim=-1)  # (m, V)
         n_tok = len(self.tok_ids)
-        return logp[torch.arange(n_tok, device=logp.device), self.tok_ids], logp[n_tok:]
+        hit = logp[:n_tok].detach().argmax(dim=-1) == self.tok_ids  # (n_tok,)
+        return logp[torch.arange(n_tok, device=logp.device), self.tok_ids], logp[n_tok:], hit
+
+    def losses(self, model: nn.Module, block: str, v: _VState, hp: Any, n_t: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per active request of this batch (A,): the loss, the mean target NLL over its templates, and
+        whether every target token is the argmax under every template."""
+        act = torch.tensor(self.active, device=v.delta.device)
+        d_act = v.delta[act]  # (A, d)
+        tok_lp, kl_lp, hit = self.forward(model, block, d_act[self.row_slot], {})  # (n_tok,), (A, V), (n_tok,)
+        nr, A = self.n_rewrite, len(self.active)
+        row_nll = torch.zeros(nr, device=act.device).index_add(0, self.tok_rows, -tok_lp) / self.tok_len  # (nr,)
+        nll = torch.zeros(A, device=act.device).index_add(0, self.row_slot[:nr], row_nll) / n_t  # (A,)
+        kl = F.kl_div(v.kl_ref[act], kl_lp, log_target=True, reduction="none").sum(-1)  # KL(p_δ‖p_0): (A,)
+        # the research code's form ‖δ‖ / ‖h‖² (not squared), which the published v_weight_decay values assume
+        wd = hp.v_weight_decay * d_act.norm(dim=1) / v.h0_sq[act]  # (A,)
+        row_miss = torch.zeros(nr, device=act.device).index_add(0, self.tok_rows, (~hit).float())  # (nr,)
+        miss = torch.zeros(A, device=act.device).index_add(0, self.row_slot[:nr], row_miss)  # (A,)
+        return nll + hp.kl_factor * kl + wd, nll, miss == 0
 
 
 def v_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], fact_token: str,
@@ -232,6 +255,56 @@ def v_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], 
     return out
 
 
+@dataclass
+class _VState:
+    """What v* keeps across steps, over all B requests of the batch."""
+
+    h0: torch.Tensor  # (B, d) block output at the fact token of the plain prompt, δ = 0
+    kl_ref: torch.Tensor  # (B, V) log p_0 of the essence prompts' next token
+    delta: torch.Tensor  # (B, d) the δ being optimized (a leaf)
+    opt: torch.optim.Optimizer
+    max_norm: torch.Tensor  # (B,) clamp_norm_factor · ‖h0‖
+    h0_sq: torch.Tensor  # (B,) ‖h0‖²
+
+
+def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: int, max_rows: int, pad: int,
+                   device: torch.device) -> list[_VBatch]:
+    """The active requests' rows in batches of whole requests, at most ``max_rows`` prompts each (0: one batch)."""
+    per = len(active) if max_rows == 0 else max(1, max_rows // (n_t + 1))  # n_t rewrite prompts + 1 essence prompt
+    return [_VBatch(model, rows, active[s : s + per], pad, device) for s in range(0, len(active), per)]
+
+
+def _start(model: nn.Module, block: str, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:
+    """δ = 0: h0 and p_0 from one forward pass without gradient per micro-batch."""
+    h0, kl_ref = [], []
+    for batch in batches:
+        capture: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            _, kl0, _ = batch.forward(model, block, torch.zeros(1, 1, device=batch.tok_len.device), capture)
+        # rows are request-major with template 0 (the plain prompt) first: row a·n_t is request a's
+        h0.append(capture["h"].float()[torch.arange(len(batch.active), device=kl0.device) * n_t])  # (A, d)
+        kl_ref.append(kl0)  # (A, V)
+    h = torch.cat(h0)  # (B, d)
+    delta = torch.zeros_like(h, requires_grad=True)  # (B, d)
+    return _VState(h, torch.cat(kl_ref), delta, torch.optim.Adam([delta], lr=hp.v_lr),
+                   hp.clamp_norm_factor * h.norm(dim=1), h.norm(dim=1) ** 2)
+
+
+def _adam_step(v: _VState, active: list[int], done: list[int]) -> None:
+    """One Adam step on δ, clamped to max_norm; finished and inactive requests keep their δ."""
+    frozen = v.delta.detach().clone()
+    v.opt.step()
+    with torch.no_grad():
+        norms = v.delta.norm(dim=1)  # (B,)
+        scale = torch.where(norms > v.max_norm, v.max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+        v.delta.mul_(scale.unsqueeze(1))
+        keep = torch.ones(len(norms), dtype=torch.bool, device=norms.device)
+        keep[torch.tensor(active, device=norms.device)] = False
+        if done:
+            keep[torch.tensor(done, device=norms.device)] = True
+        v.delta[keep] = frozen[keep]
+
+
 def optimize_targets(
     model: nn.Module,
     tok: Any,
@@ -247,7 +320,9 @@ def optimize_targets(
 
     Loss per request: mean target NLL over its templates + kl_factor · KL(p_δ‖p_0) on the essence
     prompt + v_weight_decay · ‖δ‖/‖h‖²; Adam; ‖δ‖ clamped to clamp_norm_factor · ‖h‖. A request
-    whose NLL falls below ``v_early_stop_nll`` is frozen and its rows leave the batch.
+    stops (frozen, its rows leave the batch) when its NLL falls below ``v_early_stop_nll``, or with
+    ``v_early_stop = "mpes"`` once every target token is the argmax under every template. Rows run
+    in micro-batches of at most ``v_max_rows`` prompts (0: all), gradients accumulated.
     ``rows``: :func:`rewrite_rows` of these requests and templates when the caller has them already.
     """
     t0 = time.perf_counter()
@@ -255,75 +330,45 @@ def optimize_targets(
     device = model_device(model)
     n_t, B = len(templates), len(requests)
     vrows = v_rows(tok, requests, templates, hp.fact_token, rows)
-
+    mpes = getattr(hp, "v_early_stop", "nll") == "mpes"
+    max_rows = getattr(hp, "v_max_rows", 0)
     active = list(range(B))
-    batch = _VBatch(model, vrows, active, pad_id(tok), device)
-    delta: torch.Tensor | None = None  # (B, d) once h0 is known
-    h0 = kl_ref = None
-    opt = None
-    final_nll = [float("nan")] * B
-    steps = [0] * B
+    final_nll, steps = [float("nan")] * B, [0] * B
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
         p.requires_grad_(False)  # only δ is optimized; restored below
     bar = progress(total=hp.v_num_grad_steps, desc=f"v* ({B} requests)", unit="step", disable=None if show_progress else True)
     try:
+        batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device)
+        v = _start(model, block, batches, n_t, hp)
         for step in range(hp.v_num_grad_steps):
-            if batch.active != active:  # drop finished requests' rows from the batch
-                batch = _VBatch(model, vrows, active, pad_id(tok), device)
-            act = torch.tensor(active, device=device)
-            capture: dict[str, torch.Tensor] = {}
-            if delta is None:  # first step: δ = 0, read h0 and p_0 from this same forward
-                with torch.no_grad():
-                    _, kl0 = batch.forward(model, block, torch.zeros(1, 1, device=device), capture)
-                # rows are request-major with template 0 (the plain prompt) first: row b·n_t is request b's
-                h0 = capture["h"].float()[torch.arange(B, device=device) * n_t]  # (B, d)
-                kl_ref = kl0  # (B, V) log p_0 of the essence prompts' next token
-                delta = torch.zeros(B, h0.shape[1], device=device, requires_grad=True)
-                opt = torch.optim.Adam([delta], lr=hp.v_lr)
-                max_norm = hp.clamp_norm_factor * h0.norm(dim=1)  # (B,)
-                h0_sq = h0.norm(dim=1) ** 2  # (B,)
-            d_act = delta[act]  # (A, d)
-            tok_lp, kl_lp = batch.forward(model, block, d_act[batch.row_slot], capture)  # (n_tok,), (A, V)
-            nr = batch.n_rewrite
-            row_nll = torch.zeros(nr, device=device).index_add(0, batch.tok_rows, -tok_lp) / batch.tok_len  # (nr,)
-            A = len(active)
-            nll = torch.zeros(A, device=device).index_add(0, batch.row_slot[:nr], row_nll) / n_t  # (A,)
-            kl = F.kl_div(kl_ref[act], kl_lp, log_target=True, reduction="none").sum(-1)  # KL(p_δ‖p_0): (A,)
-            # the research code's form ‖δ‖ / ‖h‖² (not squared), which the published v_weight_decay values assume
-            wd = hp.v_weight_decay * d_act.norm(dim=1) / h0_sq[act]  # (A,)
-            loss_each = nll + hp.kl_factor * kl + wd  # (A,)
-            nll_now = nll.detach().tolist()
-            for a, b in enumerate(active):
-                final_nll[b] = nll_now[a]
-                steps[b] = step
-            done = [b for a, b in enumerate(active) if nll_now[a] < hp.v_early_stop_nll]
+            if [b for batch in batches for b in batch.active] != active:  # drop finished requests' rows
+                batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device)
+            last = step == hp.v_num_grad_steps - 1
+            v.opt.zero_grad()
+            done: list[int] = []
+            for batch in batches:
+                loss_each, nll, hit = batch.losses(model, block, v, hp, n_t)  # (A,) each
+                nll_now = nll.detach().tolist()
+                stop = hit.tolist() if mpes else [x < hp.v_early_stop_nll for x in nll_now]
+                for b, x in zip(batch.active, nll_now):
+                    final_nll[b], steps[b] = x, step
+                done += [b for b, s in zip(batch.active, stop) if s]
+                if not last and not all(stop):  # gradients accumulate over the micro-batches
+                    loss_each.sum().backward()
             bar.update(1)
-            bar.set_postfix(active=A, nll=f"{sum(nll_now) / A:.3f}")
-            if len(done) == A or step == hp.v_num_grad_steps - 1:
+            bar.set_postfix(active=len(active), nll=f"{sum(final_nll[b] for b in active) / len(active):.3f}")
+            if len(done) == len(active) or last:
                 break
-            opt.zero_grad()
-            loss_each.sum().backward()
-            frozen = delta.detach().clone()
-            opt.step()
-            with torch.no_grad():
-                norms = delta.norm(dim=1)  # (B,)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-                delta.mul_(scale.unsqueeze(1))
-                keep = torch.ones(B, dtype=torch.bool, device=device)
-                keep[act] = False
-                if done:
-                    keep[torch.tensor(done, device=device)] = True
-                delta[keep] = frozen[keep]  # finished (and inactive) requests stay where they were
+            _adam_step(v, active, done)
             active = [b for b in active if b not in done]
     finally:
         bar.close()
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-    assert delta is not None and h0 is not None
-    if not torch.isfinite(delta).all():
+    if not torch.isfinite(v.delta).all():
         raise EditError("v* optimization produced NaN/inf: lower v_lr or check the model")
     seconds = time.perf_counter() - t0
     logger.info("v*: %d requests, mean final NLL %.3f, %.1fs", B, sum(final_nll) / B, seconds)
-    dd = delta.detach().double()
-    return TargetResult(z=h0.double() + dd, delta=dd, nll=final_nll, steps=[s + 1 for s in steps], seconds=seconds)
+    dd = v.delta.detach().double()
+    return TargetResult(z=v.h0.double() + dd, delta=dd, nll=final_nll, steps=[s + 1 for s in steps], seconds=seconds)

@@ -41,6 +41,13 @@ class EditHparams:
     clamp_norm_factor: float = _help("‖δ‖ ≤ clamp_norm_factor · ‖h‖ after every step", 0.75)
     kl_factor: float = _help("weight of the KL term on the essence prompt", 0.0625)
     v_early_stop_nll: float = _help("stop optimizing a request once its target NLL is below this", 5e-2)
+    v_early_stop: str = _help(
+        "v* early stopping: 'nll' (once the request's mean target NLL < v_early_stop_nll) | 'mpes' (ENCORE's "
+        "most-probable early stopping, arXiv 2502.01636: once every target token is the argmax under every "
+        "context template)", "nll")
+    v_max_rows: int = _help(
+        "prompts per v* micro-batch (gradients accumulated, same result): bounds v*'s memory; a micro-batch "
+        "holds at least one request's prompts (templates + 1); 0: all requests at once", 0)
     mom2_adjustment: bool = _help("use C0 (False: identity, i.e. plain least squares)", True)
     mom2_update_weight: float = _help("λ: weight of the preserved keys' second moment", 15000.0)
     mom2_dataset: str = _help("research-code name of the statistics corpus ('wikipedia' → our default corpus)", "wikipedia")
@@ -101,6 +108,10 @@ class EditHparams:
         for pair in self.context_template_length_params:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
                 raise EditError(f"hparams.context_template_length_params entries are [length ≥ 1, count ≥ 0], got {pair}")
+        if self.v_early_stop not in ("nll", "mpes"):
+            raise EditError(f"hparams.v_early_stop must be 'nll' or 'mpes', got {self.v_early_stop!r}")
+        if self.v_max_rows < 0:
+            raise EditError(f"hparams.v_max_rows must be ≥ 0 (0: all rows at once), got {self.v_max_rows}")
 
     # --- (de)serialization -------------------------------------------------------------------
     @classmethod
