@@ -129,7 +129,8 @@ class TargetCache:
     starts from the unedited model) optimize each z* once. The key of a request is
     ``(state, prompt, subject, target_new)`` where ``state`` is everything else z* depends on:
     ``(model fingerprint, templates, last edited layer, fact_token, v_num_grad_steps, v_lr,
-    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop_nll)``. A value is
+    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop, v_early_stop_nll, v_max_rows)``
+    (micro-batching changes z* in the last bits). A value is
     ``(z (d,), δ (d,) float64, final NLL, steps)``. ``store``: a dict to keep the entries in (callers that
     share a dict share the cache); a new one by default.
     """
@@ -145,7 +146,8 @@ class TargetCache:
              hp: EditHparams) -> list[tuple[Any, ...]]:
         """The cache key of each request (see the class docstring)."""
         state = (model_fingerprint(model), tuple(templates), layer, hp.fact_token, hp.v_num_grad_steps, hp.v_lr,
-                 hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop_nll)
+                 hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop, hp.v_early_stop_nll,
+                 hp.v_max_rows)
         return [(state, r.prompt, r.subject, r.target_new) for r in requests]
 
     def targets(self, model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,
