@@ -9,6 +9,7 @@ the field; fields starting with ``_`` (comments, provenance) are ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +83,10 @@ class EditHparams:
     lm_head_module: str | None = _help("research-code module name (checked, not used)", None)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN and inf pass every < / > check below: refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise EditError(f"hparams.{f.name} must be a finite number, got {v}")
         if not self.layers:
             raise EditError("hparams.layers is empty")
         if any(layer < 0 for layer in self.layers):
@@ -91,9 +96,11 @@ class EditHparams:
             raise EditError(f"hparams.fact_token must be subject_last, subject_first or last, got {self.fact_token!r}")
         if self.mom2_n_samples <= 0 and self.mom2_n_samples != -1:
             raise EditError(f"hparams.mom2_n_samples must be positive (or -1: the whole corpus), got {self.mom2_n_samples}")
-        for name in ("v_num_grad_steps", "stats_seq_len", "stats_batch_size"):
+        for name in ("v_num_grad_steps", "stats_batch_size"):
             if getattr(self, name) <= 0:
                 raise EditError(f"hparams.{name} must be positive, got {getattr(self, name)}")
+        if self.stats_seq_len < 2:
+            raise EditError(f"hparams.stats_seq_len must be at least 2 tokens, got {self.stats_seq_len}")
         for name in ("v_lr", "clamp_norm_factor", "dynamic_multiplier"):
             if not getattr(self, name) > 0:
                 raise EditError(f"hparams.{name} must be positive, got {getattr(self, name)}")
