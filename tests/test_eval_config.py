@@ -65,7 +65,7 @@ def test_from_dict_takes_field_names_and_research_names_alike():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"edits_per_batch": 0}, "edits_per_batch must be a positive integer"),
+    ({"edits_per_batch": 0}, r"edits_per_batch \(--num_edits\) must be a positive integer"),
     ({"eval_chunk": True}, "eval_chunk must be a positive integer"),
     ({"dataset": "squad"}, "dataset must be one of cf, counterfact"),
     ({"dataset_size_limit": 0}, "dataset_size_limit must be a positive integer or None"),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmemit.eval.config import renamed
-from fastmemit.eval.plots import PlotError
+from fastmemit.eval.plots import PlotError, read_run_json
 from fastmemit.eval.summary import CF_METRICS, LABELS, ZSRE_METRICS
 
 NAME = "summarize"
@@ -27,8 +27,8 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     d = Path(run_dir)
     if not (d / "config.json").is_file():
         raise PlotError(f"{d} is not a run folder (no config.json)")
-    cfg = json.loads((d / "config.json").read_text())
-    s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    cfg = read_run_json(d / "config.json")
+    s = read_run_json(d / "summary.json") if (d / "summary.json").is_file() else {}
     return {"run_dir": str(d), "config": cfg, "summary": s}
 
 

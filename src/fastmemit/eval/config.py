@@ -120,7 +120,8 @@ class RunConfig:
         for name in _POSITIVE:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
-                raise RunError(f"{name} must be a positive integer, got {v!r}")
+                also = f" (--{ALIAS_OF[name]})" if name in ALIAS_OF else ""
+                raise RunError(f"{name}{also} must be a positive integer, got {v!r}")
         if self.dataset_size_limit is not None and (not _is_int(self.dataset_size_limit) or self.dataset_size_limit < 1):
             raise RunError(f"dataset_size_limit must be a positive integer or None, got {self.dataset_size_limit!r}")
         if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):

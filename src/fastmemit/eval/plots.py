@@ -25,7 +25,7 @@ from fastmemit.downstream.plots import plot_downstream
 from fastmemit.errors import PlotError
 from fastmemit.eval.config import renamed
 from fastmemit.eval.summary import CF_METRICS, TITLES, ZSRE_METRICS, MetricMeans, metrics_of
-from fastmemit.utils import atomic_path
+from fastmemit.utils import atomic_path, read_json
 
 __all__ = ["CF_METRICS", "TITLES", "ZSRE_METRICS", "PlotError", "load_run", "plot_run", "plot_runs", "run_curves",
            "run_label"]
@@ -46,14 +46,22 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON object file (config.json, summary.json); PlotError naming it otherwise."""
+    data = read_json(path, "run file", PlotError)
+    if not isinstance(data, dict):
+        raise PlotError(f"run file {str(path)!r}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"dir", "config", "summary", "cases", "downstream"}`` of a run folder (summary may be {})."""
     d = Path(run_dir)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise PlotError(f"{d} is not a run folder (no config.json)")
-    config = json.loads(cfg_path.read_text())
-    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    config = read_run_json(cfg_path)
+    summary = read_run_json(d / "summary.json") if (d / "summary.json").is_file() else {}
     return {"dir": d, "config": config, "summary": summary, "cases": _jsonl(d / "cases.jsonl"),
             "downstream": _jsonl(d / "downstream.jsonl")}
 

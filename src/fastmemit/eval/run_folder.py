@@ -38,7 +38,7 @@ from fastmemit.errors import DeltaMismatchError, RunError
 from fastmemit.eval.config import RUNTIME_FIELDS, config_differences
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
-from fastmemit.utils import atomic_path, logger, write_json_atomic
+from fastmemit.utils import atomic_path, check_writable, logger, write_json_atomic
 
 try:
     import fcntl
@@ -132,7 +132,10 @@ class RunFolder:
                            "--out") from None
 
     def check_usable(self) -> None:
-        """Refuse a folder that exists, holds files and no ``config.json``."""
+        """Refuse a path that is a file, or a folder that holds files and no ``config.json``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {str(self.path)!r} is a file, not a run folder")
+        check_writable(self.path, "--out", kind="dir")
         if self.path.exists() and not self.config_path.is_file() and any(p.name != ".lock" for p in self.path.iterdir()):
             raise RunError(f"{self.path} exists, is not empty and holds no config.json: not a run folder")
 

@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 import fastmemit
-from fastmemit.downstream import TaskFlags, evaluate_tasks, parse_task_flags, results_to_records
+from fastmemit.downstream import (
+    TaskFlags,
+    evaluate_tasks,
+    get_task,
+    load_task_data,
+    parse_task_flags,
+    results_to_records,
+)
 from fastmemit.editing import Editor, resolve_hparams, write_weights
 from fastmemit.errors import EditError, FastMemitError, RunError
 from fastmemit.eval.config import DATASETS, RunConfig, stored_config
@@ -241,8 +248,11 @@ class _Setup:
 def _prepare(cfg: RunConfig, folder: RunFolder, model: nn.Module | None, tok: Any, continue_run: bool) -> _Setup:
     """Load and check everything that can fail on bad input, before the run folder is touched."""
     method = get_method(cfg.method)  # unknown method: fail before loading anything
+    folder.check_usable()
     ds_flags = parse_task_flags(cfg.downstream_tasks, cfg.number_of_few_shots, cfg.number_of_tests) \
         if cfg.do_downstream_eval else None
+    for task in ds_flags.tasks if ds_flags else ():  # a missing data file: fail before the run folder exists
+        load_task_data(get_task(task), cfg.downstream_data_dir)
     cases = load_cases(cfg)
     requests = [case_request(c) for c in cases]  # malformed requests: fail before writing
     snippets, tfidf = _consistency_tables(cfg, cases)
