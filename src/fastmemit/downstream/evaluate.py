@@ -160,6 +160,11 @@ def evaluate_tasks(
                 room = max(room, g)
             if "loglik" in modes:
                 room = max(room, 1 + max(len(split_prompt_option(tok, "x", o)[1]) for o in task.options))
+            long = next((i for i, q in enumerate(questions) if len(tok(q)["input_ids"]) > window - room), None)
+            if long is not None:  # not even without shots: scoring it would mean cutting the question
+                raise DownstreamError(
+                    f"{name}: test item {long + 1}'s prompt does not fit the context of {window} tokens with room "
+                    f"for the answer ({room}); raise max_length (--max-length) or drop the task")
             shot_texts = [task.shot(r) for r in shot_records]
             fitted = fit_prompts(tok, shot_texts, questions, window - room)
             prompts = [f.text for f in fitted]
