@@ -596,3 +596,14 @@ def test_editor_state_dict_is_the_methods_memory_keyed_by_layer(tokenizer, corpu
     with pytest.raises(EditError, match="'7/Kp'"):
         resumed.load_state_dict({"7/Kp": sd["0/Kp"]})
     assert make_editor(model, tokenizer, corpus, workdir, "MEMIT").state_dict() == {}
+
+
+def test_a_huge_v_lr_is_clamped_not_zeroed(tokenizer):
+    """v_lr = 1e30 overflows the float32 norm of δ; the clamp must still scale δ to its bound instead
+    of multiplying it by max_norm / inf = 0 (an edit that silently changed nothing)."""
+    model = tiny_llm("llama", len(tokenizer))
+    hp = EditHparams(layers=[0], v_lr=1e30, v_num_grad_steps=2, context_template_length_params=[],
+                     mom2_adjustment=False, emmet_lambda=0.0)  # exact: Δ k* = R, zero only if δ was zeroed
+    result = edit(model, tokenizer, [REQ], method="EMMET", hparams=hp, show_progress=False)
+    # δ at its clamp bound (0.75 ‖h0‖) gives an update of order 0.1 here; a zeroed δ one of 1e-8
+    assert all(torch.isfinite(d).all() and d.abs().max() > 1e-3 for d in result.deltas.values())

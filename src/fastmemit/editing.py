@@ -40,6 +40,7 @@ from fastmemit.keys_values import (
     optimize_targets,
     rewrite_rows,
 )
+from fastmemit.lm import model_context, target_ids
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
 from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
@@ -306,6 +307,7 @@ class Editor:
         params = _weight_params(self.model, self.hp.layers)
         templates = self.templates()
         rows = rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)  # the one tokenization; fails early
+        _check_context(self.model, self.tok, reqs, rows)
         fingerprint = model_fingerprint(self.model)
         t_stats = self.stats.seconds
         self.prepare_stats(force=self.hp.recompute_stats and bool(self.states) and self.method.needs_mom2(self.hp))
@@ -362,6 +364,20 @@ class Editor:
         if self.target_cache is None:
             return optimize(reqs)
         return self.target_cache.targets(self.model, reqs, templates, last, self.hp, optimize)
+
+
+def _check_context(model: nn.Module, tok: Any, reqs: Sequence[EditRequest], rows: Sequence[PromptRow]) -> None:
+    """Every template-prefixed prompt with its target fits the model's context (models that do not
+    raise on longer inputs would otherwise edit on garbage positions)."""
+    limit = model_context(model, tok)
+    if limit is None:
+        return
+    for row in rows:
+        r = reqs[row.request]
+        n = len(row.ids) + len(target_ids(tok, row.text, r.target_new, row.ids)[1])
+        if n > limit:
+            raise EditError(f"edit request {r.prompt[:60]!r}: prompt and target take {n} tokens with a context "
+                            f"template, more than the model's context of {limit}")
 
 
 def resolve_hparams(method: EditMethod, hparams: EditHparams | Mapping[str, Any] | str | Path | None, model: nn.Module | None = None) -> EditHparams:

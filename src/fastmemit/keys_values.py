@@ -296,6 +296,9 @@ def _adam_step(v: _VState, active: list[int], done: list[int]) -> None:
     v.opt.step()
     with torch.no_grad():
         norms = v.delta.norm(dim=1)  # (B,)
+        big = ~torch.isfinite(norms)  # the squares overflowed (a huge v_lr): the norm in float64 still fits
+        if big.any():
+            norms[big] = v.delta[big].double().norm(dim=1).to(norms.dtype)
         scale = torch.where(norms > v.max_norm, v.max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
         v.delta.mul_(scale.unsqueeze(1))
         keep = torch.ones(len(norms), dtype=torch.bool, device=norms.device)

@@ -492,3 +492,21 @@ def generate_reference(
         for b, i in enumerate(idx):
             tokens[i] = _cut(out.sequences[b, ids.shape[1]:].tolist(), eos)
     return Generated(tokens, first)
+
+
+CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "max_seq_len")
+
+
+def model_context(model: nn.Module, tok: Any = None) -> int | None:
+    """The model's context window in tokens, read from its config (max_position_embeddings,
+    n_positions, ...), else the tokenizer's ``model_max_length``; None when neither tells."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        for attr in CONTEXT_ATTRS:
+            v = getattr(c, attr, None) if c is not None else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    v = getattr(tok, "model_max_length", None)
+    if isinstance(v, int) and 0 < v < 10**7:  # tokenizers without a limit report ~1e30
+        return v
+    return None

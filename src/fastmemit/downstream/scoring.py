@@ -44,11 +44,13 @@ from torch import nn
 from fastmemit.downstream.base import INVALID, DownstreamError
 from fastmemit.errors import EditError
 from fastmemit.lm import (
+    CONTEXT_ATTRS,
     PrefixCache,
     attention_window,
     eos_ids,
     generate_reference,
     greedy_generate,
+    model_context,
     pad_id,
     score_continuations,
     split_continuation,
@@ -56,27 +58,15 @@ from fastmemit.lm import (
 
 logger = logging.getLogger("fastmemit.downstream")
 
-_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length", "max_seq_len")
-
-
 def context_length(model: nn.Module, tok: Any = None) -> int:
-    """The model's context window, read from its config (max_position_embeddings, n_positions, ...).
-
-    Falls back to the tokenizer's ``model_max_length`` when the config names none.
-    """
-    cfg = getattr(model, "config", None)
-    for c in (cfg, getattr(cfg, "text_config", None)):
-        for attr in _CONTEXT_ATTRS:
-            v = getattr(c, attr, None) if c is not None else None
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                return v
-    v = getattr(tok, "model_max_length", None)
-    if isinstance(v, int) and 0 < v < 10**7:  # tokenizers without a limit report ~1e30
-        return v
-    raise DownstreamError(
-        f"cannot tell the context length of {type(model).__name__}: its config has none of "
-        f"{', '.join(_CONTEXT_ATTRS)}; pass max_length=..."
-    )
+    """The model's context window (:func:`fastmemit.lm.model_context`); an error when unknown."""
+    n = model_context(model, tok)
+    if n is None:
+        raise DownstreamError(
+            f"cannot tell the context length of {type(model).__name__}: its config has none of "
+            f"{', '.join(CONTEXT_ATTRS)}; pass max_length=..."
+        )
+    return n
 
 
 @contextlib.contextmanager
