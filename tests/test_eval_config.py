@@ -65,13 +65,13 @@ def test_from_dict_takes_field_names_and_research_names_alike():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"edits_per_batch": 0}, r"edits_per_batch \(--num_edits\) must be a positive integer"),
-    ({"eval_chunk": True}, "eval_chunk must be a positive integer"),
+    ({"edits_per_batch": 0}, r"edits_per_batch \(num_edits\) must be a positive integer"),
+    ({"eval_chunk": True}, "eval_chunk must be int, got bool"),
     ({"dataset": "squad"}, "dataset must be one of cf, counterfact"),
     ({"dataset_size_limit": 0}, "dataset_size_limit must be a positive integer or None"),
     ({"sample_num": -1}, "sample_num must be a non-negative integer"),
     ({"save_model_format": "gguf"}, "save_model_format must be 'deltas' or 'full'"),
-    ({"hparams_overrides": []}, "hparams_overrides must be a dict"),
+    ({"hparams_overrides": []}, "hparams_overrides must be dict, got list"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_made(changes, message):
     with pytest.raises(RunError, match=message) as e:

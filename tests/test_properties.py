@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from fastmemit.downstream.data import load_records
 from fastmemit.downstream.registry import available_tasks, get_task
+from fastmemit.editing import load_deltas
 from fastmemit.errors import FastMemitError
+from fastmemit.eval.config import RunConfig
 from fastmemit.eval.datasets import load_counterfact, load_seed_ordering, load_zsre
 from fastmemit.linalg import FactoredCov, ridge_system_delta
 from fastmemit.methods import EditHparams
@@ -157,3 +159,38 @@ def test_solver_refuses_non_finite_statistics(bad):
     C[1, 2] = C[2, 1] = bad
     with pytest.raises(FastMemitError, match="NaN or inf"):
         FactoredCov(C)
+
+
+@SETTINGS
+@given(meta=st.dictionaries(st.sampled_from(["format", "format_version", "method", "hparams", "requests", "fingerprint",
+                                             "other"]),
+                            st.one_of(st.text(max_size=20), json_values.map(lambda v: json.dumps(v, allow_nan=True))),
+                            max_size=6),
+       values=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4),
+       as_int=st.booleans())
+def test_delta_file_reader_loads_or_names_the_problem(tmp_path_factory, meta, values, as_int):
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("deltas") / "d.safetensors"
+    t = torch.tensor(values).reshape(1, -1)
+    save_file({"w": t.long() if as_int and all(math.isfinite(v) for v in values) else t}, str(path),
+              metadata={"format": "fastmemit-deltas", **meta})
+    got = _loads_or_named_error(load_deltas, path)
+    if got is not None:
+        tensors, _ = got
+        assert all(v.is_floating_point() and torch.isfinite(v).all() for v in tensors.values())
+
+
+@SETTINGS
+@given(obj=st.one_of(st.fixed_dictionaries({}, optional={
+    "method": st.one_of(st.sampled_from(["EMMET", "nope"]), json_values),
+    "alg_name": json_values, "num_edits": st.one_of(st.integers(-2, 50), json_values),
+    "edits_per_batch": json_values, "dataset": st.one_of(st.sampled_from(["cf", "zsre", "x"]), json_values),
+    "ds_name": json_values, "dataset_size_limit": json_values, "sample_num": json_values, "seed": json_values,
+    "sequential": json_values, "hparams_overrides": json_values, "save_model_format": json_values,
+    "downstream_eval_steps": json_values, "no_such_field": json_values,
+}), json_values))
+def test_run_config_parser_loads_or_names_the_problem(obj):
+    cfg = _loads_or_named_error(RunConfig.from_dict, obj)
+    if cfg is not None:
+        assert cfg.edits_per_batch >= 1 and cfg.dataset in ("cf", "counterfact", "mcf", "multi_counterfact", "zsre")

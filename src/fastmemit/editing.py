@@ -410,7 +410,10 @@ def edit(
 
 
 def load_deltas(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a deltas file written by :meth:`EditResult.save` (nothing applied)."""
+    """The tensors and metadata of a deltas file written by :meth:`EditResult.save` (nothing applied).
+
+    Everything is checked here, before any caller writes a weight: the file, its format, the tensors
+    (floating point, finite) and the metadata (method, hparams object, requests)."""
     p = Path(path)
     if not p.is_file():
         raise DeltaMismatchError(f"deltas file {str(p)!r} does not exist")
@@ -422,12 +425,35 @@ def load_deltas(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise DeltaMismatchError(f"{str(p)!r} is not a readable safetensors file ({e})") from e
     if meta.get("format") != "fastmemit-deltas":
         raise DeltaMismatchError(f"{str(p)!r} is not a fastmemit deltas file")
+    for name, d in tensors.items():
+        if not d.is_floating_point() or not torch.isfinite(d).all():
+            raise DeltaMismatchError(f"{str(p)!r}: delta for {name!r} is not a finite floating-point tensor")
+    _delta_metadata(meta, p)
     return tensors, meta
 
 
+def _delta_metadata(meta: Mapping[str, str], path: Path) -> tuple[str, dict[str, Any], list[EditRequest]]:
+    """(method, hparams, requests) of a deltas file's metadata; DeltaMismatchError naming what is malformed."""
+    try:
+        hparams = json.loads(meta.get("hparams", "{}"))
+        raw = json.loads(meta.get("requests", "[]"))
+    except json.JSONDecodeError as e:
+        raise DeltaMismatchError(f"{str(path)!r}: metadata is not valid JSON ({e.msg})") from None
+    if not isinstance(hparams, dict) or not isinstance(raw, list):
+        raise DeltaMismatchError(f"{str(path)!r}: metadata 'hparams' must be an object and 'requests' a list")
+    try:
+        reqs = [EditRequest.from_any(r) for r in raw]
+    except EditError as e:
+        raise DeltaMismatchError(f"{str(path)!r}: metadata holds a malformed request ({e})") from None
+    return str(meta.get("method", "?")), hparams, reqs
+
+
 def apply_deltas(model: nn.Module, path: str | Path, *, check_fingerprint: bool = True) -> EditResult:
-    """Re-apply saved deltas (W ← W + Δ); refuses a model other than the one they were made on."""
+    """Re-apply saved deltas (W ← W + Δ); refuses a model other than the one they were made on.
+
+    The whole file is read and checked before the first weight is written."""
     tensors, meta = load_deltas(path)
+    method, hparams, reqs = _delta_metadata(meta, Path(path))
     fp = model_fingerprint(model)
     if check_fingerprint and meta.get("fingerprint") != fp:
         raise DeltaMismatchError(
@@ -440,11 +466,11 @@ def apply_deltas(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
             raise DeltaMismatchError(f"deltas name parameter {name!r}, which this model does not have")
         if params[name].shape != d.shape:
             raise DeltaMismatchError(f"delta for {name!r} has shape {tuple(d.shape)}, weight has {tuple(params[name].shape)}")
-        if not torch.isfinite(d).all():
-            raise DeltaMismatchError(f"delta for {name!r} contains NaN or inf")
     originals = {name: params[name].detach().clone() for name in tensors}
-    write_weights(model, originals, tensors)
-    reqs = [EditRequest.from_any(r) for r in json.loads(meta.get("requests", "[]"))]
+    try:
+        write_weights(model, originals, tensors)
+    except BaseException:
+        write_weights(model, originals)
+        raise
     logger.info("applied %d deltas from %s", len(tensors), path)
-    return EditResult(dict(tensors), meta.get("method", "?"), json.loads(meta.get("hparams", "{}")), reqs, fp,
-                      _model=model, _originals=originals)
+    return EditResult(dict(tensors), method, hparams, reqs, fp, _model=model, _originals=originals)

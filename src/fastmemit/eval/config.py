@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +117,14 @@ class RunConfig:
     show_progress: bool = _f(True, "progress bars (FASTMEMIT_PROGRESS=0 silences them too)")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
         if self.dataset not in DATASETS:
             raise RunError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         for name in _POSITIVE:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
-                also = f" (--{ALIAS_OF[name]})" if name in ALIAS_OF else ""
-                raise RunError(f"{name}{also} must be a positive integer, got {v!r}")
+                raise RunError(f"{field_label(name)} must be a positive integer, got {v!r}")
         if self.dataset_size_limit is not None and (not _is_int(self.dataset_size_limit) or self.dataset_size_limit < 1):
             raise RunError(f"dataset_size_limit must be a positive integer or None, got {self.dataset_size_limit!r}")
         if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
@@ -149,6 +152,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         """Settings by field name or by the research code's name (:data:`ALIASES`)."""
+        if not isinstance(data, Mapping):
+            raise RunError(f"run settings must be a JSON object, got {type(data).__name__}")
         return cls(**canonical_settings(data))
 
     @classmethod
@@ -164,6 +169,27 @@ class RunConfig:
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunConfig))
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """RunError unless ``value`` has the field's declared type (bool is no int here; None only where
+    the type says ``| None``; a float field takes an int)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        t = typing.get_origin(t) or t
+        if value is None and t is type(None):
+            return
+        if t is bool and isinstance(value, bool):
+            return
+        if t is int and _is_int(value):
+            return
+        if t is float and (_is_int(value) or isinstance(value, float)):
+            return
+        if t in (str, dict) and isinstance(value, t):
+            return
+    names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise RunError(f"run setting {field_label(name)} must be {names}, got {type(value).__name__} {value!r:.60}")
 
 RUNTIME_FIELDS = frozenset({"device", "use_cache", "stats_cache_dir", "conserve_memory", "checkpoint_interval",
                             "save_model", "save_model_interval", "save_model_location", "save_model_format",
