@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_llm
 from fastmemit.editing import Editor
 from fastmemit.errors import EditError
 from fastmemit.hparams_registry import builtin_hparams
@@ -34,6 +33,7 @@ from fastmemit.methods import EditHparams, LayerState, get_method
 from fastmemit.methods.encore import ENCOREHparams
 from fastmemit.models.arch import as_math, get_arch, mlp_down_weight
 from fastmemit.utils import read_json
+from tests.helpers import SRC, tiny_llm
 
 F64 = torch.float64
 # (d, d_k, B): hidden size, key size, edits per batch
@@ -254,7 +254,7 @@ def test_builtin_smollm2_hparams_are_memits_plus_the_papers_norm_constraint():
     mine = hp.to_dict()
     assert {k: mine[k] for k in memit} == memit
     assert (hp.norm_constraint, hp.norm_anchor, hp.add_prev_edits) == (10.0, "previous", True)
-    raw = read_json(Path(__file__).parents[1] / "src/fastmemit/hparams/ENCORE/smollm2-135m.json", "hparams", EditError)
+    raw = read_json(SRC / "fastmemit/hparams/ENCORE/smollm2-135m.json", "hparams", EditError)
     assert "not tuned" in raw["_note"]
 
 
@@ -279,6 +279,8 @@ def small_hparams(**changes: Any) -> dict[str, Any]:
     return hp
 
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
     """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
@@ -289,9 +291,6 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("encore")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(workdir, monkeypatch):
-    monkeypatch.setenv("FASTMEMIT_CACHE", str(workdir / "user-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llm
 from fastmemit.editing import Editor, apply_deltas
 from fastmemit.errors import DeltaMismatchError, RunError
 from fastmemit.eval import RunConfig
@@ -18,6 +17,7 @@ from fastmemit.eval.run_folder import GroupLog, RunFolder
 from fastmemit.models.arch import mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
+from tests.helpers import tiny_llm
 
 
 def test_group_log_keeps_complete_groups_and_truncates_the_rest(tmp_path):

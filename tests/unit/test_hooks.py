@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HIDDEN, INNER, N_LAYERS
 from fastmemit.hooks import StopForward, Trace, add_at_positions, edit_output
 from fastmemit.models import get_arch, get_module
+from tests.helpers import HIDDEN, INNER, N_LAYERS
 
 
 def _batch(tokenizer, texts=("The river flows through the old city", "Music of the year")):

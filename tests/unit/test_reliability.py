@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, gpt2_tokenizer, tiny_llm
 from fastmemit.editing import apply_deltas, edit
 from fastmemit.errors import ConfigurationError, DeltaMismatchError, UnknownModelError
 from fastmemit.methods import EditHparams
@@ -24,6 +23,7 @@ from fastmemit.models.loading import load_model, resolve_device
 from fastmemit.stats import compute_layer_stats
 from fastmemit.stats.cache import entry_path, load_entry, stats_dir
 from fastmemit.utils import atomic_path, sweep_orphan_temps
+from tests.helpers import REPO, gpt2_tokenizer, tiny_llm
 
 REQ = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"}
 HP = EditHparams(layers=[0], v_num_grad_steps=2, context_template_length_params=[], mom2_adjustment=False)
@@ -108,6 +108,7 @@ def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
     assert sweep_orphan_temps(tmp_path / "other.safetensors") == [other]
 
 
+@pytest.mark.slow
 def test_a_write_killed_before_its_rename_leaves_a_temporary_the_next_write_removes(tmp_path):
     target = tmp_path / "x.json"
     script = textwrap.dedent(f"""
@@ -139,6 +140,7 @@ def tiny_folder(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model", corpus
 
 
+@pytest.mark.slow
 def test_two_processes_computing_the_same_statistics_compute_them_once(tiny_folder, tmp_path):
     model_dir, corpus = tiny_folder
     go = tmp_path / "go"

@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ALL_VARIANTS, HIDDEN, INNER, tiny_llm
 from fastmemit import editing
 from fastmemit.editing import Editor, EditResult, TargetCache, apply_deltas, edit
 from fastmemit.errors import DeltaMismatchError, EditError, StatisticsError
@@ -28,6 +27,7 @@ from fastmemit.models.arch import as_math, get_arch, mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
 from fastmemit.stats import provider
+from tests.helpers import ALL_VARIANTS, HIDDEN, INNER, tiny_llm
 
 REQ = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
        "target_true": "French"}
@@ -46,6 +46,8 @@ def small_hparams(**changes: Any) -> dict[str, Any]:
     return hp
 
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
     """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
@@ -56,9 +58,6 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("editing")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(workdir, monkeypatch):
-    monkeypatch.setenv("FASTMEMIT_CACHE", str(workdir / "user-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llm
 from fastmemit.downstream import (
     INVALID,
     DownstreamDataError,
@@ -43,6 +42,7 @@ from fastmemit.downstream import (
 )
 from fastmemit.downstream.base import is_str, one_of
 from fastmemit.downstream.data import ENV_DATA, default_data_dir
+from tests.helpers import tiny_llm
 
 ALL_TASKS = ("sst2", "mrpc", "cola", "rte", "mmlu", "sentiment_analysis", "nli", "dialogue")
 

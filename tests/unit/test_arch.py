@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import fastmemit
-from conftest import ALL_VARIANTS, ARCHS, HIDDEN, INNER, N_LAYERS
 from fastmemit.errors import UnsupportedArchitectureError
 from fastmemit.models import (
     SITES,
@@ -25,6 +24,7 @@ from fastmemit.models import (
     registered_architectures,
 )
 from fastmemit.models import arch as arch_module
+from tests.helpers import ALL_VARIANTS, ARCHS, HIDDEN, INNER, N_LAYERS
 
 
 def _d_k(variant: str) -> int:
@@ -146,10 +146,14 @@ def _toy_spec(mlp_down: str = "backbone.blocks.{}.out") -> ArchSpec:
                     final_norm="backbone.norm", lm_head="head", embed="backbone.tok")
 
 
+def _use_private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arch_module, "_REGISTRY", dict(arch_module._REGISTRY))
+
+
 @pytest.fixture
 def private_registry(monkeypatch):
     """A copy of the registry, so registrations in a test do not leak into the others."""
-    monkeypatch.setattr(arch_module, "_REGISTRY", dict(arch_module._REGISTRY))
+    _use_private_registry(monkeypatch)
 
 
 def test_register_custom_architecture(private_registry):
@@ -178,8 +182,15 @@ def test_duplicate_registration_errors_unless_overwrite(private_registry):
     assert get_arch(_ToyLM()) is replacement
 
 
-def test_registry_is_untouched_by_the_tests_above():
+def test_private_registry_keeps_a_registration_inside_the_test(monkeypatch):
+    """What the fixture above promises, checked in one test (independent of test order)."""
+    before = dict(arch_module._REGISTRY)
+    with monkeypatch.context() as m:
+        _use_private_registry(m)
+        register_architecture(_toy_spec())
+        assert "toy_fastmemit_test" in registered_architectures()
     assert "toy_fastmemit_test" not in registered_architectures()
+    assert arch_module._REGISTRY == before
 
 
 def test_spec_pointing_at_missing_module_names_the_path(private_registry):

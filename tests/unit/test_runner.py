@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import REPO, TESTS, tiny_llm
 from fastmemit.cli import build_parser, main
 from fastmemit.cli.evaluate_cmd import build_config
 from fastmemit.downstream import DownstreamDataError
@@ -32,6 +31,7 @@ from fastmemit.eval import RunConfig, run_evaluation, summarize
 from fastmemit.eval.config import ALIASES
 from fastmemit.eval.datasets import DatasetError
 from fastmemit.eval.runner import load_cases
+from tests.helpers import REPO, tiny_llm
 
 HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
                dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
@@ -43,6 +43,8 @@ OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", 
 N_CASES = 7  # edits_per_batch 3 → batches of 3, 3, 1
 
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
     """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
@@ -53,10 +55,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runner")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(work, monkeypatch):
-    monkeypatch.setenv("FASTMEMIT_CACHE", str(work / "user-cache"))
-    monkeypatch.setenv("FASTMEMIT_PROGRESS", "0")
 
 
 def cf_record(i: int) -> dict[str, Any]:
@@ -258,17 +256,18 @@ def test_interrupted_run_resumes_to_the_same_results(variant, stop, files, token
         assert state["1/Kp"].shape == (128, N_CASES)  # earlier edits' keys travel with the checkpoint
 
 
+@pytest.mark.slow
 def test_sigkilled_sequential_run_resumes_to_the_same_results(files, tokenizer, work, sequential_run):
     cfg = config(files)
     out = work / "killed"
     tokenizer.save_pretrained(work / "tokenizer")  # quicker to load than to rebuild from the BPE files
     script = f"""
 import os, signal, sys, json
-sys.path.insert(0, {str(TESTS)!r})
+sys.path.insert(0, {str(REPO)!r})
 import torch
 torch.set_num_threads(1)
 from transformers import AutoTokenizer
-from conftest import tiny_llm
+from tests.helpers import tiny_llm
 from fastmemit.eval import RunConfig, run_evaluation
 tok = AutoTokenizer.from_pretrained({str(work / "tokenizer")!r})
 def hook(event, batch):

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import fastmemit.models
-from conftest import REPO, tiny_llm
 from fastmemit.cli import build_parser, main
 from fastmemit.cli.edit_cmd import _load_requests, _overrides
 from fastmemit.editing import load_deltas
 from fastmemit.errors import ConfigurationError, EditError
 from fastmemit.methods import EditHparams
 from fastmemit.requests import EditRequest
+from tests.helpers import REPO, tiny_llm
 
 REQ = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"}
 REQ_JSON = json.dumps(REQ)

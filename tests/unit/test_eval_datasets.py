@@ -27,8 +27,7 @@ from fastmemit.eval.datasets import (
     load_zsre,
     order_cases,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_llm
 from fastmemit.editing import Editor
 from fastmemit.eval import edit_batches
 from fastmemit.eval.metrics import score_targets
 from fastmemit.models.arch import mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
+from tests.helpers import tiny_llm
 
 HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
                dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
@@ -29,6 +29,8 @@ REQUESTS = [{"prompt": "{} plays the", "subject": s, "target_new": OBJECTS[i], "
             for i, s in enumerate(SUBJECTS)]
 BATCHES = [REQUESTS[0:2], REQUESTS[2:4], REQUESTS[4:5]]
 
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
@@ -40,9 +42,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("loop")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(work, monkeypatch):
-    monkeypatch.setenv("FASTMEMIT_CACHE", str(work / "user-cache"))
 
 
 @pytest.fixture(scope="module")

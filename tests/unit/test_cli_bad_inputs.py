@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gpt2_tokenizer, tiny_llm
 from fastmemit.cli import main
+from tests.helpers import gpt2_tokenizer, tiny_llm
 
 REQ = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"}
 

@@ -40,9 +40,7 @@ from fastmemit.eval.metrics import (
     summarize,
     tfidf_similarity,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("FASTMEMIT_PROGRESS", "0")
+from tests.helpers import REPO
 
 # ----------------------------------------------------------------------------- bigram fixture
 
