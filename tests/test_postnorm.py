@@ -6,41 +6,33 @@
 - a single-layer EMMET edit (emmet_lambda 0, no context templates) on a tiny model of EVERY family
   makes the edited matrix produce the optimized value m* and the block produce z* for every request
   (relative error < 1e-4 of the change), and the model's own made-up fact becomes its top-1 answer,
-  with one edited layer and with two.
-
-The tiny models get a sharp LM head (an untied copy × 40) so that a target can become the argmax,
-and the Gemma ones random norm gains, large after the MLP (as in gemma3-270m, whose post-MLP gains
-reach ~1600), with some close to 0, so that the maps are exercised on anisotropic gains.
-v* uses the last prompt token as the fact token: in a random 3-layer model attention carries little
-from the subject to the last position.
+  with one edited layer and with two (tiny models as in vstar_helpers.py).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_llm
-from fastmemit import editing
-from fastmemit.editing import Editor
+from conftest import ARCHS
 from fastmemit.errors import EditError, UnsupportedArchitectureError
 from fastmemit.hooks import Trace
 from fastmemit.keys_values import optimize_targets, read_layer, rewrite_rows, value_site
 from fastmemit.methods import EditHparams
 from fastmemit.models.arch import get_arch, get_module
 from fastmemit.postnorm import PostNorm
-from fastmemit.requests import EditRequest
-
-POST_NORM = ("gemma2", "gemma3_text")
-PROMPTS = [("The mother tongue of {} is", "Danielle Darrieux"), ("{} plays the", "Toko Yasuda")]
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game").split()
+from vstar_helpers import (
+    POST_NORM,
+    edit_hparams,
+    edit_with_targets,
+    editable_model,
+    made_up_requests,
+    rank_of_target,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,63 +52,7 @@ def private_cache(workdir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus(workdir, tokenizer) -> Path:
-    """Words and decoded random token ids (enough distinct keys for a full-rank E[k kᵀ])."""
-    rng = random.Random(0)
-    path = workdir / "corpus.jsonl"
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
-
-
-def editable_model(arch: str, vocab: int) -> torch.nn.Module:
-    """A tiny model whose LM head is sharp and, for Gemma, whose norm gains are random (see module doc)."""
-    model = tiny_llm(arch, vocab)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        if arch.startswith("gemma"):
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    noise = torch.randn(p.shape, generator=gen) * 0.5  # gain 1 + w
-                    p.copy_(noise * 8 + 8 if "post_feedforward" in name else noise)
-        head = model.get_output_embeddings()
-        head.weight = torch.nn.Parameter(head.weight.detach().clone() * 40.0)  # untied: the input embeddings stay
-    return model
-
-
-def made_up_requests(model, tok, rank: int = 20) -> list[EditRequest]:
-    """For each prompt, a new target the model ranks ``rank``-th or lower: a one-token word."""
-    out = []
-    for template, subject in PROMPTS:
-        ids = tok(template.format(subject))["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]  # (V,)
-        for t in logits.argsort(descending=True).tolist()[rank:]:
-            word = tok.decode([t])
-            if word.startswith(" ") and word[1:].isalpha() and tok(word, add_special_tokens=False)["input_ids"] == [t]:
-                out.append(EditRequest(prompt=template, subject=subject, target_new=word.strip()))
-                break
-    return out
-
-
-def rank_of_target(model, tok, req: EditRequest) -> int:
-    ids = tok(req.prompt.format(req.subject))["input_ids"]
-    (tid,) = tok(" " + req.target_new, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1]  # (V,)
-    return int((logits > logits[tid]).sum())
-
-
-def edit_hparams(layers: list[int], arch: str, **changes: Any) -> dict[str, Any]:
-    # the MLP output of the tiny models is ~1e-2: v*'s step at the matrix output is scaled to it
-    hp: dict[str, Any] = dict(layers=layers, v_num_grad_steps=40, v_lr=0.005 if arch in POST_NORM else 0.5,
-                              clamp_norm_factor=4.0, v_weight_decay=1e-3, kl_factor=0.0, fact_token="last",
-                              context_template_length_params=[], emmet_lambda=0.0, dynamic=True,
-                              dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
-    hp.update(changes)
-    return hp
+    return write_corpus(workdir / "corpus.jsonl", tokenizer)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -236,19 +172,9 @@ def _edit(arch: str, layers: list[int], tokenizer, corpus, workdir, monkeypatch)
     model = editable_model(arch, len(tokenizer))
     original = copy.deepcopy(model)
     reqs = made_up_requests(model, tokenizer)
-    targets = []
-    real = editing.optimize_targets
-
-    def spy(*args, **kwargs):
-        targets.append(real(*args, **kwargs))
-        return targets[-1]
-
-    monkeypatch.setattr(editing, "optimize_targets", spy)
-    editor = Editor(model, tokenizer, "EMMET", edit_hparams(layers, arch), corpus=corpus,
-                    stats_cache_dir=workdir / "stats", use_cache=False, show_progress=False)
-    result = editor.edit(reqs)
-    assert len(targets) == 1
-    return model, original, reqs, targets[0], result
+    result, t = edit_with_targets(model, tokenizer, reqs, edit_hparams(layers, arch), corpus, workdir / "stats",
+                                  monkeypatch)
+    return model, original, reqs, t, result
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -41,6 +41,7 @@ from fastmemit.requests import EditRequest
 from fastmemit.utils import cache_dir, logger, progress, write_json_atomic
 
 ESSENCE_TEMPLATE = "{} is a"
+_HALF = (torch.float16, torch.bfloat16)
 _TEMPLATE_STARTS = ["The", "Therefore", "Because", "I", "You"]
 
 
@@ -268,6 +269,10 @@ class _VBatch:
         The LM head runs only on the positions read (a few per row), not on every position."""
         def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d)
             capture["h"] = h[:, 0].detach()
+            if h.dtype in _HALF:  # δ stays float32: h + δ summed in float32, rounded once to the model's dtype
+                onehot = torch.zeros(h.shape[1], 1, dtype=torch.float32, device=h.device)
+                onehot[0] = 1.0
+                return (h.float() + onehot * delta_rows.float().unsqueeze(1)).to(h.dtype)  # (n, S, d)
             onehot = torch.zeros(h.shape[1], 1, dtype=h.dtype, device=h.device)
             onehot[0] = 1.0
             return h + onehot * delta_rows.to(h.dtype).unsqueeze(1)  # (n, S, d)
