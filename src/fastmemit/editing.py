@@ -4,11 +4,14 @@ Flow of one batch (methods differ only in what they declare and in ``layer_delta
   1. validate everything (requests, layers, hparams) and tokenize the prompts once, before touching
      the model; statistics and factors from the :class:`~fastmemit.stats.provider.PreservedStats`
      provider, only what the method reads;
-  2. z* = h + δ at the last edited layer (batched v*, :mod:`fastmemit.keys_values`; a
-     :class:`TargetCache` may already hold it);
+  2. z* at the last edited layer (batched v*, :mod:`fastmemit.keys_values`: δ added at the block
+     output, z* = h + δ, or at the edited matrix's output, m* = m + δ; a :class:`TargetCache` may
+     already hold it);
   3. for each edited layer in order: keys K at that layer and the current output h at the last
-     layer on the model as edited so far; residual R = (z* − h) / (layers remaining); Δ from the
-     method (which also sees the current weight W); apply; the method commits its memory;
+     layer on the model as edited so far; residual R = (z* − h) / (layers remaining), mapped into
+     the edited matrix's output space through the norm after the MLP where the family has one
+     (:func:`layer_residual`, docs/postnorm.md); Δ from the method (which also sees the current
+     weight W); apply; the method commits its memory;
   4. return an :class:`EditResult` holding the deltas, able to restore the exact old weights.
 The Editor orchestrates only: no knowledge of a particular method lives here.
 
@@ -33,17 +36,20 @@ from torch import nn
 from fastmemit.errors import ConfigurationError, DeltaMismatchError, EditError
 from fastmemit.hparams_registry import builtin_hparams
 from fastmemit.keys_values import (
+    LayerReads,
     PromptRow,
     TargetResult,
     context_templates,
-    keys_and_outputs,
     optimize_targets,
+    read_layer,
     rewrite_rows,
+    value_site,
 )
 from fastmemit.lm import model_context, target_ids
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
 from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
 from fastmemit.models.fingerprint import model_fingerprint
+from fastmemit.postnorm import PostNorm
 from fastmemit.requests import EditRequest
 from fastmemit.stats.provider import PreservedStats
 from fastmemit.utils import atomic_path, logger
@@ -120,7 +126,8 @@ def _weight_params(model: nn.Module, layers: Sequence[int]) -> dict[int, tuple[s
     return {layer: mlp_down_weight(model, layer) for layer in layers}
 
 
-TargetValue = tuple[torch.Tensor, torch.Tensor, float, int]  # z (d,), δ (d,) float64, final NLL, steps
+# z (d,), δ (d,) float64, final NLL, steps, m (d,) float64 or None (value site 'block')
+TargetValue = tuple[torch.Tensor, torch.Tensor, float, int, "torch.Tensor | None"]
 
 
 class TargetCache:
@@ -130,10 +137,10 @@ class TargetCache:
     starts from the unedited model) optimize each z* once. The key of a request is
     ``(state, prompt, subject, target_new)`` where ``state`` is everything else z* depends on:
     ``(model fingerprint, templates, last edited layer, fact_token, v_num_grad_steps, v_lr,
-    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop, v_early_stop_nll, v_max_rows)``
+    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop, v_early_stop_nll, v_max_rows, value site)``
     (micro-batching changes z* in the last bits). A value is
-    ``(z (d,), δ (d,) float64, final NLL, steps)``. ``store``: a dict to keep the entries in (callers that
-    share a dict share the cache); a new one by default.
+    ``(z (d,), δ (d,) float64, final NLL, steps, m (d,) or None)``. ``store``: a dict to keep the entries
+    in (callers that share a dict share the cache); a new one by default.
     """
 
     def __init__(self, store: dict[Any, TargetValue] | None = None) -> None:
@@ -144,28 +151,32 @@ class TargetCache:
 
     @staticmethod
     def keys(model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,
-             hp: EditHparams) -> list[tuple[Any, ...]]:
-        """The cache key of each request (see the class docstring)."""
+             hp: EditHparams, site: str = "block") -> list[tuple[Any, ...]]:
+        """The cache key of each request (see the class docstring); ``site``: the resolved value site."""
         state = (model_fingerprint(model), tuple(templates), layer, hp.fact_token, hp.v_num_grad_steps, hp.v_lr,
                  hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop, hp.v_early_stop_nll,
-                 hp.v_max_rows)
+                 hp.v_max_rows, site)
         return [(state, r.prompt, r.subject, r.target_new) for r in requests]
 
     def targets(self, model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,
-                hp: EditHparams, optimize: Callable[[list[EditRequest]], TargetResult]) -> TargetResult:
+                hp: EditHparams, optimize: Callable[[list[EditRequest]], TargetResult],
+                site: str = "block") -> TargetResult:
         """z* of every request: cached ones looked up, the others optimized together by ``optimize``
         and kept. ``seconds`` is the optimization's time (0 when every request was cached)."""
-        keys = self.keys(model, requests, templates, layer, hp)
+        keys = self.keys(model, requests, templates, layer, hp, site)
         todo = [i for i, k in enumerate(keys) if k not in self.store]
         seconds = 0.0
         if todo:
             t = optimize([requests[i] for i in todo])
             seconds = t.seconds
             for j, i in enumerate(todo):
-                self.store[keys[i]] = (t.z[j].clone(), t.delta[j].clone(), t.nll[j], t.steps[j])
+                m = None if t.m is None else t.m[j].clone()
+                self.store[keys[i]] = (t.z[j].clone(), t.delta[j].clone(), t.nll[j], t.steps[j], m)
         got = [self.store[k] for k in keys]
+        ms = [g[4] for g in got]
         return TargetResult(z=torch.stack([g[0] for g in got]), delta=torch.stack([g[1] for g in got]),  # (B, d)
-                            nll=[g[2] for g in got], steps=[g[3] for g in got], seconds=seconds)
+                            nll=[g[2] for g in got], steps=[g[3] for g in got], seconds=seconds,
+                            m=None if any(m is None for m in ms) else torch.stack(ms))  # (B, d)
 
 
 @dataclass
@@ -224,6 +235,8 @@ class Editor:
         self.hp = resolve_hparams(self.method, hparams, model)
         self._check_layers()
         self.arch = get_arch(model)
+        # where v* adds δ (checked here, before any statistics pass)
+        self.value_site = value_site(model, None if self.hp.v_site == "auto" else self.hp.v_site, self.method.value_site)
         self.seed, self.show_progress, self.use_cache = seed, show_progress, use_cache
         hp = self.hp
         count = {"dynamic_multiplier": hp.dynamic_multiplier} if hp.dynamic else {"n_keys": hp.mom2_n_samples}
@@ -342,8 +355,9 @@ class Editor:
         batch.info["v_steps"] += t.steps
         t0 = time.perf_counter()
         for i, layer in enumerate(layers):
-            K, H = keys_and_outputs(self.model, rows, len(reqs), len(templates), layer, last)  # (d_k, B), (B, d)
-            R = (t.z.to(H.device) - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
+            reads = read_layer(self.model, rows, len(reqs), len(templates), layer, last)  # K (d_k, B), H, M (B, d)
+            R = layer_residual(self.model, layer, t, reads, len(layers) - i)  # (d, B)
+            K = reads.K
             W = as_math(batch.params[layer][1].detach(), self.arch.fan_in_fan_out)  # (d, d_k) current weight
             W = W.to(device=K.device, dtype=torch.float64, copy=True)  # the method's own copy
             state = self.states[layer]
@@ -356,14 +370,39 @@ class Editor:
 
     def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> TargetResult:
         """z* (B, d) of the requests: from ``target_cache`` where possible, the rest optimized together."""
+        site = self.value_site
 
         def optimize(todo: list[EditRequest]) -> TargetResult:
             return optimize_targets(self.model, self.tok, todo, templates, last, self.hp,
-                                    show_progress=self.show_progress)
+                                    show_progress=self.show_progress, site=site)
 
         if self.target_cache is None:
             return optimize(reqs)
-        return self.target_cache.targets(self.model, reqs, templates, last, self.hp, optimize)
+        return self.target_cache.targets(self.model, reqs, templates, last, self.hp, optimize, site)
+
+
+def layer_residual(model: nn.Module, layer: int, t: TargetResult, reads: LayerReads, remaining: int) -> torch.Tensor:
+    """R (d, B) float64: what the edited matrix of ``layer`` should add to its output for each request.
+
+    The block-space share of the gap is s = (z* − H) / remaining (H: the last edited layer's block output
+    now). Without a norm after the MLP the matrix's output adds to the block output as it is: R = s.
+    With one (N, docs/postnorm.md), at the matrix's current output M: for an earlier layer the damped
+    pseudo-inverse of N's Jacobian at M (tangent, radial part removed), R = J⁺ s; for the last layer
+    (remaining = 1) the preimage x of N(M) + s by Gauss–Newton from the optimized m*, R = x − M (a
+    single-layer edit gets m* − M exactly).
+    """
+    norm = PostNorm.of(model, layer)
+    if norm is None:
+        return (t.z.to(reads.H.device) - reads.H).T / remaining  # (d, B): this layer's share of the residual
+    M = reads.M  # (B, d)
+    norm.check(model, M)
+    share = (t.z.to(M.device) - reads.H) / remaining  # (B, d) block space
+    if remaining > 1:
+        return norm.tangent_solve(M, share).T  # (d, B)
+    if t.m is None:
+        raise EditError("a family with a norm after the MLP needs v* at the edited matrix's output (m*)")
+    x = norm.preimage(norm(M) + share, start=t.m.to(M.device))  # (B, d)
+    return (x - M).T  # (d, B)
 
 
 def _check_context(model: nn.Module, tok: Any, reqs: Sequence[EditRequest], rows: Sequence[PromptRow]) -> None:

@@ -5,16 +5,22 @@
 - k* of a request at layer l: the mean key (input of the edited matrix) at the fact token over
   all templates.
 - z* of a request: the block output at the last edited layer, at the fact token of the plain
-  prompt, plus a vector δ optimized so the model predicts ``target_new`` (NLL + KL + weight decay,
-  norm clamp). All requests of a batch are optimized together: an independent δ per request, one
-  forward per step (or one per micro-batch of ``v_max_rows`` prompts, gradients accumulated: the
-  losses are independent, so the result is the same and memory stays bounded); a request stops
-  by its NLL (``v_early_stop = "nll"``) or once every target token is the argmax under every
-  template (``"mpes"``, ENCORE's most-probable early stopping), and its rows leave the batch.
+  prompt, once a vector δ optimized so the model predicts ``target_new`` (NLL + KL + weight decay,
+  norm clamp) is added there. δ is added at the *value site*: the block output (``"block"``,
+  MEMIT's choice: z* = h + δ) or the edited matrix's output (``"matrix"``, ROME's choice, and the
+  only one where the matrix's output passes a norm before the residual add, Gemma 2/3: m* = m + δ,
+  and z* is read from the same forward pass). The clamp and the weight decay are relative to the
+  norm of the value at that site. All requests of a batch are optimized together: an independent
+  δ per request, one forward per step (or one per micro-batch of ``v_max_rows`` prompts,
+  gradients accumulated: the losses are independent, so the result is the same and memory stays
+  bounded); a request stops by its NLL (``v_early_stop = "nll"``), by its total loss (``"loss"``,
+  the research code's rule), or once every target token is the argmax under every template
+  (``"mpes"``, ENCORE's most-probable early stopping), and its rows leave the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -35,6 +41,7 @@ from fastmemit.requests import EditRequest
 from fastmemit.utils import cache_dir, logger, progress, write_json_atomic
 
 ESSENCE_TEMPLATE = "{} is a"
+_HALF = (torch.float16, torch.bfloat16)
 _TEMPLATE_STARTS = ["The", "Therefore", "Because", "I", "You"]
 
 
@@ -118,20 +125,39 @@ def rewrite_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[
 
 
 # --- keys at the fact token ---------------------------------------------------------------------
-@torch.no_grad()
+@dataclass
+class LayerReads:
+    """What the solve of one layer reads from the model as it is (float64, on the CPU)."""
+
+    K: torch.Tensor  # (d_k, B) mean key at the key layer over the templates
+    H: torch.Tensor  # (B, d) block output of the output layer, fact token of the plain prompt
+    M: torch.Tensor  # (B, d) output of the key layer's edited matrix, fact token of the plain prompt
+
+
 def keys_and_outputs(
     model: nn.Module, rows: Sequence[PromptRow], n_requests: int, n_templates: int, key_layer: int, out_layer: int,
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean key at ``key_layer`` over templates, K (d_k, B), and the block output of ``out_layer`` at
     the fact token of each request's plain prompt (template 0), H (B, d). Float64."""
+    reads = read_layer(model, rows, n_requests, n_templates, key_layer, out_layer, batch_size)
+    return reads.K, reads.H
+
+
+@torch.no_grad()
+def read_layer(
+    model: nn.Module, rows: Sequence[PromptRow], n_requests: int, n_templates: int, key_layer: int, out_layer: int,
+    batch_size: int = 64,
+) -> LayerReads:
+    """:class:`LayerReads` of ``key_layer`` (K, M) and ``out_layer`` (H): one forward pass per chunk of rows,
+    stopped after ``out_layer``."""
     arch = get_arch(model)
     device = model_device(model)
     k_name, h_name = arch.site("mlp_down", key_layer), arch.site("block", out_layer)
     names = [k_name, h_name]
     if out_layer + 1 < num_layers(model):  # nothing after out_layer is needed: stop at the next block
         names.append(arch.site("block", out_layer + 1))
-    keys, outs = [], []
+    keys, outs, vals = [], [], []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]
         ids, mask, pos = pad_left([r.ids for r in chunk], 0)
@@ -142,12 +168,47 @@ def keys_and_outputs(
         rix = torch.arange(len(chunk))
         keys.append(tr.inputs[k_name][rix, fact.to(device)].double().cpu())  # (n, d_k)
         outs.append(tr.outputs[h_name][rix, fact.to(device)].double().cpu())  # (n, d)
+        vals.append(tr.outputs[k_name][rix, fact.to(device)].double().cpu())  # (n, d)
     K = torch.cat(keys).reshape(n_requests, n_templates, -1).mean(1)  # (B, d_k)
     H = torch.cat(outs).reshape(n_requests, n_templates, -1)[:, 0]  # (B, d)
-    return K.T.contiguous(), H
+    M = torch.cat(vals).reshape(n_requests, n_templates, -1)[:, 0]  # (B, d)
+    return LayerReads(K.T.contiguous(), H, M)
 
 
 # --- batched v* / z* -----------------------------------------------------------------------------
+VALUE_SITES = ("block", "matrix")
+
+
+def value_site(model: nn.Module, choice: str | None, default: str = "block") -> str:
+    """Where v* adds δ: ``choice`` ('block' | 'matrix'; None: ``default``), except in a family with a
+    norm after the MLP, where only 'matrix' is reachable by a change of the matrix (docs/postnorm.md)."""
+    for c in (choice, default):
+        if c is not None and c not in VALUE_SITES:
+            raise EditError(f"value site must be one of {', '.join(VALUE_SITES)}, got {c!r}")
+    if get_arch(model).has("post_mlp_norm"):
+        if choice == "block":
+            raise EditError(f"v_site 'block' cannot be used on {model.config.model_type!r} models: their MLP output passes "
+                            "a norm before the residual add, so a block-output target is not linear in the edited "
+                            "matrix; use 'matrix' or 'auto'")
+        return "matrix"
+    return choice or default
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Where δ is added (``add``) and, when that is the edited matrix, the block whose output is z*."""
+
+    add: str
+    block: str | None  # None: the site is the block output itself, z* = h0 + δ
+
+    @classmethod
+    def of(cls, model: nn.Module, site: str, layer: int) -> _Site:
+        arch = get_arch(model)
+        if site == "block":
+            return cls(arch.site("block", layer), None)
+        return cls(arch.site("mlp_down", layer), arch.site("block", layer))
+
+
 @dataclass
 class TargetResult:
     z: torch.Tensor  # (B, d) float64: block output to reach at the last edited layer
@@ -155,6 +216,7 @@ class TargetResult:
     nll: list[float]  # final target NLL per request (mean over templates)
     steps: list[int]  # optimization steps each request used
     seconds: float
+    m: torch.Tensor | None = None  # (B, d) float64: the edited matrix's output to reach (value site 'matrix')
 
 
 @dataclass
@@ -197,21 +259,29 @@ class _VBatch:
         self.kl_cols = torch.tensor([first[self.n_rewrite + i] - 1 for i in range(len(kl))], device=device)  # last token
         self.row_slot = torch.tensor([slot[r.request] for r in self.rows], device=device)  # (n,) index into active
 
-    def forward(self, model: nn.Module, block: str, delta_rows: torch.Tensor,
+    def forward(self, model: nn.Module, site: _Site, delta_rows: torch.Tensor,
                 capture: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probs of the target tokens (n_target_tokens,), of the essence rows' next token (n_kl, V),
         and whether each target token is the argmax (n_target_tokens,), with ``delta_rows`` (n, d)
-        added at the fact token of block ``block``.
+        added at the fact token of ``site``. ``capture`` gets the site's value before δ (``"h"``, (n, d))
+        and, when the site is the edited matrix, the block output after it (``"z"``, (n, d)).
 
         The LM head runs only on the positions read (a few per row), not on every position."""
         def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d)
             capture["h"] = h[:, 0].detach()
+            if h.dtype in _HALF:  # δ stays float32: h + δ summed in float32, rounded once to the model's dtype
+                onehot = torch.zeros(h.shape[1], 1, dtype=torch.float32, device=h.device)
+                onehot[0] = 1.0
+                return (h.float() + onehot * delta_rows.float().unsqueeze(1)).to(h.dtype)  # (n, S, d)
             onehot = torch.zeros(h.shape[1], 1, dtype=h.dtype, device=h.device)
             onehot[0] = 1.0
             return h + onehot * delta_rows.to(h.dtype).unsqueeze(1)  # (n, S, d)
 
-        with edit_output(model, block, add):
+        trace = None if site.block is None else Trace(model, [site.block])
+        with edit_output(model, site.add, add), trace or contextlib.nullcontext():
             hidden = self.prefix.run(self.batch, body=True).last_hidden_state  # (n, S, d)
+        if trace is not None and site.block is not None:
+            capture["z"] = trace.outputs[site.block][:, 0]  # (n, d)
         nr = self.n_rewrite
         picked = torch.cat([hidden[self.tok_rows, self.tok_cols - 1],  # the position before each target token
                             hidden[nr + torch.arange(len(self.kl_cols), device=hidden.device), self.kl_cols]])  # (m, d)
@@ -220,14 +290,18 @@ class _VBatch:
         hit = logp[:n_tok].detach().argmax(dim=-1) == self.tok_ids  # (n_tok,)
         return logp[torch.arange(n_tok, device=logp.device), self.tok_ids], logp[n_tok:], hit
 
-    def losses(self, model: nn.Module, block: str, v: _VState, hp: Any, n_t: int
+    def losses(self, model: nn.Module, site: _Site, v: _VState, hp: Any, n_t: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per active request of this batch (A,): the loss, the mean target NLL over its templates, and
-        whether every target token is the argmax under every template."""
+        whether every target token is the argmax under every template. Keeps each request's z* of this
+        forward pass in ``v.z`` (value site 'matrix')."""
         act = torch.tensor(self.active, device=v.delta.device)
         d_act = v.delta[act]  # (A, d)
-        tok_lp, kl_lp, hit = self.forward(model, block, d_act[self.row_slot], {})  # (n_tok,), (A, V), (n_tok,)
+        capture: dict[str, torch.Tensor] = {}
+        tok_lp, kl_lp, hit = self.forward(model, site, d_act[self.row_slot], capture)  # (n_tok,), (A, V), (n_tok,)
         nr, A = self.n_rewrite, len(self.active)
+        if "z" in capture:  # rows are request-major with template 0 (the plain prompt) first
+            v.z[act] = capture["z"][torch.arange(A, device=act.device) * n_t].float()  # (A, d)
         row_nll = torch.zeros(nr, device=act.device).index_add(0, self.tok_rows, -tok_lp) / self.tok_len  # (nr,)
         nll = torch.zeros(A, device=act.device).index_add(0, self.row_slot[:nr], row_nll) / n_t  # (A,)
         kl = F.kl_div(v.kl_ref[act], kl_lp, log_target=True, reduction="none").sum(-1)  # KL(p_δ‖p_0): (A,)
@@ -259,12 +333,13 @@ def v_rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], 
 class _VState:
     """What v* keeps across steps, over all B requests of the batch."""
 
-    h0: torch.Tensor  # (B, d) block output at the fact token of the plain prompt, δ = 0
+    h0: torch.Tensor  # (B, d) value at the site (block or matrix output), fact token of the plain prompt, δ = 0
     kl_ref: torch.Tensor  # (B, V) log p_0 of the essence prompts' next token
     delta: torch.Tensor  # (B, d) the δ being optimized (a leaf)
     opt: torch.optim.Optimizer
     max_norm: torch.Tensor  # (B,) clamp_norm_factor · ‖h0‖
     h0_sq: torch.Tensor  # (B,) ‖h0‖²
+    z: torch.Tensor  # (B, d) block output with each request's latest δ (value site 'matrix'; else unused)
 
 
 def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: int, max_rows: int, pad: int,
@@ -274,20 +349,28 @@ def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: 
     return [_VBatch(model, rows, active[s : s + per], pad, device) for s in range(0, len(active), per)]
 
 
-def _start(model: nn.Module, block: str, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:
+def _start(model: nn.Module, site: _Site, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:
     """δ = 0: h0 and p_0 from one forward pass without gradient per micro-batch."""
     h0, kl_ref = [], []
     for batch in batches:
         capture: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            _, kl0, _ = batch.forward(model, block, torch.zeros(1, 1, device=batch.tok_len.device), capture)
+            _, kl0, _ = batch.forward(model, site, torch.zeros(1, 1, device=batch.tok_len.device), capture)
         # rows are request-major with template 0 (the plain prompt) first: row a·n_t is request a's
         h0.append(capture["h"].float()[torch.arange(len(batch.active), device=kl0.device) * n_t])  # (A, d)
         kl_ref.append(kl0)  # (A, V)
     h = torch.cat(h0)  # (B, d)
     delta = torch.zeros_like(h, requires_grad=True)  # (B, d)
     return _VState(h, torch.cat(kl_ref), delta, torch.optim.Adam([delta], lr=hp.v_lr),
-                   hp.clamp_norm_factor * h.norm(dim=1), h.norm(dim=1) ** 2)
+                   hp.clamp_norm_factor * h.norm(dim=1), h.norm(dim=1) ** 2, torch.zeros_like(h))
+
+
+def _stops(rule: str, threshold: float, loss: list[float], nll: list[float], hit: list[bool]) -> list[bool]:
+    """Which requests of a micro-batch stop: ``v_early_stop`` 'nll' (NLL < threshold), 'loss' (total loss <
+    threshold: the research code's ``if loss < 5e-2: break``) or 'mpes' (every target token the argmax)."""
+    if rule == "mpes":
+        return hit
+    return [x < threshold for x in (loss if rule == "loss" else nll)]
 
 
 def _adam_step(v: _VState, active: list[int], done: list[int]) -> None:
@@ -318,22 +401,26 @@ def optimize_targets(
     *,
     show_progress: bool = True,
     rows: Sequence[PromptRow] | None = None,
+    site: str | None = None,
 ) -> TargetResult:
-    """Optimize one δ per request at the block output of ``layer``, all requests together.
+    """Optimize one δ per request at the value site of ``layer``, all requests together.
 
+    ``site``: 'block' (z* = h + δ at the block output) or 'matrix' (m* = m + δ at the edited
+    matrix's output, z* read from the same forward pass); None: :func:`value_site`'s default.
     Loss per request: mean target NLL over its templates + kl_factor · KL(p_δ‖p_0) on the essence
-    prompt + v_weight_decay · ‖δ‖/‖h‖²; Adam; ‖δ‖ clamped to clamp_norm_factor · ‖h‖. A request
-    stops (frozen, its rows leave the batch) when its NLL falls below ``v_early_stop_nll``, or with
-    ``v_early_stop = "mpes"`` once every target token is the argmax under every template. Rows run
-    in micro-batches of at most ``v_max_rows`` prompts (0: all), gradients accumulated.
+    prompt + v_weight_decay · ‖δ‖/‖h‖² (h: the site's value with δ = 0); Adam; ‖δ‖ clamped to
+    clamp_norm_factor · ‖h‖. A request stops (frozen, its rows leave the batch) by the
+    ``v_early_stop`` rule: its NLL ('nll') or its total loss ('loss') below ``v_early_stop_nll``, or
+    every target token the argmax under every template ('mpes'). Rows run in micro-batches of at
+    most ``v_max_rows`` prompts (0: all), gradients accumulated.
     ``rows``: :func:`rewrite_rows` of these requests and templates when the caller has them already.
     """
     t0 = time.perf_counter()
-    block = get_arch(model).site("block", layer)
+    where = _Site.of(model, value_site(model, site), layer)
     device = model_device(model)
     n_t, B = len(templates), len(requests)
     vrows = v_rows(tok, requests, templates, hp.fact_token, rows)
-    mpes = getattr(hp, "v_early_stop", "nll") == "mpes"
+    rule = getattr(hp, "v_early_stop", "nll")
     max_rows = getattr(hp, "v_max_rows", 0)
     active = list(range(B))
     final_nll, steps = [float("nan")] * B, [0] * B
@@ -343,7 +430,7 @@ def optimize_targets(
     bar = progress(total=hp.v_num_grad_steps, desc=f"v* ({B} requests)", unit="step", disable=None if show_progress else True)
     try:
         batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device)
-        v = _start(model, block, batches, n_t, hp)
+        v = _start(model, where, batches, n_t, hp)
         for step in range(hp.v_num_grad_steps):
             if [b for batch in batches for b in batch.active] != active:  # drop finished requests' rows
                 batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device)
@@ -351,9 +438,9 @@ def optimize_targets(
             v.opt.zero_grad()
             done: list[int] = []
             for batch in batches:
-                loss_each, nll, hit = batch.losses(model, block, v, hp, n_t)  # (A,) each
+                loss_each, nll, hit = batch.losses(model, where, v, hp, n_t)  # (A,) each
                 nll_now = nll.detach().tolist()
-                stop = hit.tolist() if mpes else [x < hp.v_early_stop_nll for x in nll_now]
+                stop = _stops(rule, hp.v_early_stop_nll, loss_each.detach().tolist(), nll_now, hit.tolist())
                 for b, x in zip(batch.active, nll_now):
                     final_nll[b], steps[b] = x, step
                 done += [b for b, s in zip(batch.active, stop) if s]
@@ -374,4 +461,7 @@ def optimize_targets(
     seconds = time.perf_counter() - t0
     logger.info("v*: %d requests, mean final NLL %.3f, %.1fs", B, sum(final_nll) / B, seconds)
     dd = v.delta.detach().double()
-    return TargetResult(z=v.h0.double() + dd, delta=dd, nll=final_nll, steps=[s + 1 for s in steps], seconds=seconds)
+    if where.block is None:
+        return TargetResult(z=v.h0.double() + dd, delta=dd, nll=final_nll, steps=[s + 1 for s in steps], seconds=seconds)
+    return TargetResult(z=v.z.double(), delta=dd, nll=final_nll, steps=[s + 1 for s in steps], seconds=seconds,
+                        m=v.h0.double() + dd)

@@ -148,8 +148,16 @@ def target_ids(tok: Any, prompt: str, target: str, prompt_ids: Ids | None = None
 
 
 def lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V) float32 from final hidden states (..., d), with Gemma-style soft-capping."""
-    logits = model.get_output_embeddings()(hidden).float()
+    """Logits (..., V) float32 from final hidden states (..., d), with Gemma-style soft-capping.
+
+    A half-precision model's head runs in float32 (its weight upcast for the call): the logits feed
+    v*'s losses and a bf16 logit of ~20 is only known to ±0.06."""
+    head = model.get_output_embeddings()
+    if hidden.dtype in (torch.float16, torch.bfloat16) and isinstance(head, nn.Linear):
+        bias = None if head.bias is None else head.bias.float()
+        logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
+    else:
+        logits = head(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

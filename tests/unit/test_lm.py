@@ -419,7 +419,10 @@ def test_mpes_stops_a_request_once_every_target_token_is_the_argmax(tiny_model: 
 
 def test_vstar_hparams_are_checked() -> None:
     with pytest.raises(EditError, match="v_early_stop"):
-        EditHparams(v_early_stop="loss")
+        EditHparams(v_early_stop="total")
+    assert EditHparams(v_early_stop="loss").v_early_stop == "loss"  # the research code's rule
+    with pytest.raises(EditError, match="v_site"):
+        EditHparams(v_site="mlp")
     with pytest.raises(EditError, match="v_max_rows"):
         EditHparams(v_max_rows=-1)
     assert EditHparams.from_dict({"v_early_stop": "mpes", "v_max_rows": 40}).v_max_rows == 40

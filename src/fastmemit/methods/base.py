@@ -55,6 +55,9 @@ class EditMethod:
     # with the statistics off (mom2_adjustment false), C = λI (True) or I (False: a method whose Δ does not
     # depend on λ then, ROME); with them on, C = λ E[k kᵀ] either way
     weighted_identity: ClassVar[bool] = True
+    # where v* adds δ when hparams.v_site is 'auto': 'block' (the last edited layer's output, MEMIT) or
+    # 'matrix' (the edited matrix's output, ROME); families with a norm after the MLP always use 'matrix'
+    value_site: ClassVar[str] = "block"
     # LayerState.extra entries that carry memory across batches (checkpointed by state_dict, kept when the
     # statistics are recomputed); other extra entries are derived from the statistics and rebuilt
     carried_state: ClassVar[frozenset[str]] = frozenset()

@@ -43,9 +43,14 @@ class EditHparams:
     kl_factor: float = _help("weight of the KL term on the essence prompt", 0.0625)
     v_early_stop_nll: float = _help("stop optimizing a request once its target NLL is below this", 5e-2)
     v_early_stop: str = _help(
-        "v* early stopping: 'nll' (once the request's mean target NLL < v_early_stop_nll) | 'mpes' (ENCORE's "
-        "most-probable early stopping, arXiv 2502.01636: once every target token is the argmax under every "
-        "context template)", "nll")
+        "v* early stopping: 'nll' (once the request's mean target NLL < v_early_stop_nll) | 'loss' (the research "
+        "code's rule: once the request's total v* loss, NLL + KL + weight decay, < v_early_stop_nll; the seed "
+        "hard-codes 5e-2) | 'mpes' (ENCORE's most-probable early stopping, arXiv 2502.01636: once every target "
+        "token is the argmax under every context template)", "nll")
+    v_site: str = _help(
+        "where v* adds δ, and the value the clamp and weight decay are relative to: 'block' (the last edited "
+        "layer's block output, MEMIT's choice) | 'matrix' (the edited matrix's output, ROME's choice) | 'auto' "
+        "(the method's own choice). Families with a norm after the MLP (Gemma 2/3) always use 'matrix'", "auto")
     v_max_rows: int = _help(
         "prompts per v* micro-batch (gradients accumulated, same result): bounds v*'s memory; a micro-batch "
         "holds at least one request's prompts (templates + 1); 0: all requests at once", 0)
@@ -115,8 +120,10 @@ class EditHparams:
         for pair in self.context_template_length_params:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
                 raise EditError(f"hparams.context_template_length_params entries are [length ≥ 1, count ≥ 0], got {pair}")
-        if self.v_early_stop not in ("nll", "mpes"):
-            raise EditError(f"hparams.v_early_stop must be 'nll' or 'mpes', got {self.v_early_stop!r}")
+        if self.v_early_stop not in ("nll", "loss", "mpes"):
+            raise EditError(f"hparams.v_early_stop must be 'nll', 'loss' or 'mpes', got {self.v_early_stop!r}")
+        if self.v_site not in ("auto", "block", "matrix"):
+            raise EditError(f"hparams.v_site must be 'auto', 'block' or 'matrix', got {self.v_site!r}")
         if self.v_max_rows < 0:
             raise EditError(f"hparams.v_max_rows must be ≥ 0 (0: all rows at once), got {self.v_max_rows}")
 

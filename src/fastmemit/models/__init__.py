@@ -1,6 +1,7 @@
 """Model loading, the architecture table and model fingerprints."""
 
 from fastmemit.models.arch import (
+    OPTIONAL_SITES,
     SITES,
     ArchSpec,
     as_math,
@@ -17,6 +18,7 @@ from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.models.loading import DEFAULT_MODEL, GGUF_ALIASES, load_model, prepare_tokenizer
 
 __all__ = [
+    "OPTIONAL_SITES",
     "SITES",
     "ArchSpec",
     "DEFAULT_MODEL",

@@ -15,6 +15,10 @@ Users add a family with :func:`register_architecture`::
         lm_head="head",
         embed="backbone.tok",
     ))
+
+A family that normalizes the MLP output before it joins the residual stream (Gemma 2/3:
+``post_feedforward_layernorm``) declares that norm as the optional site ``post_mlp_norm``; value
+targets are then computed at the edited matrix's output, where the edit is linear (docs/postnorm.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from torch import nn
 from fastmemit.errors import ConfigurationError, UnsupportedArchitectureError
 
 SITES = ("mlp_down", "block", "final_norm", "lm_head", "embed")
+# sites a family may lack (None in its spec): the RMSNorm applied to the MLP output before the residual add
+OPTIONAL_SITES = ("post_mlp_norm",)
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,10 @@ class ArchSpec:
     """Where the canonical sites live in one model family.
 
     ``layers`` is the ``nn.ModuleList`` of decoder blocks; ``mlp_down`` is a template with ``{}``
-    for the layer number. ``block`` defaults to ``f"{layers}.{{}}"``.
+    for the layer number. ``block`` defaults to ``f"{layers}.{{}}"``. ``post_mlp_norm`` (a template,
+    or None when the MLP output is added to the residual stream as it is) names an RMSNorm
+    ``x · rsqrt(mean(x²) + eps) · (norm_weight_offset + weight)`` between the MLP and the residual add;
+    Gemma's norms scale by ``1 + weight`` (offset 1), Llama-style ones by ``weight`` (offset 0).
     """
 
     model_types: tuple[str, ...]
@@ -45,6 +54,8 @@ class ArchSpec:
     embed: str
     block: str = ""
     fan_in_fan_out: bool = False  # True: weight stored (d_k, d) as in GPT-2's Conv1D
+    post_mlp_norm: str | None = None
+    norm_weight_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -55,12 +66,21 @@ class ArchSpec:
             object.__setattr__(self, "block", f"{self.layers}.{{}}")
         elif "{}" not in self.block:
             raise UnsupportedArchitectureError(f"ArchSpec.block must contain '{{}}' for the layer number, got {self.block!r}")
+        if self.post_mlp_norm is not None and "{}" not in self.post_mlp_norm:
+            raise UnsupportedArchitectureError(
+                f"ArchSpec.post_mlp_norm must contain '{{}}' for the layer number, got {self.post_mlp_norm!r}")
+
+    def has(self, name: str) -> bool:
+        """Whether this family has the (optional) site ``name``."""
+        return name in SITES or (name in OPTIONAL_SITES and getattr(self, name) is not None)
 
     def site(self, name: str, layer: int | None = None) -> str:
         """Dotted module name of a canonical site (layer needed for per-layer sites)."""
-        if name not in SITES:
-            raise UnsupportedArchitectureError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
-        template: str = getattr(self, name)
+        if name not in SITES + OPTIONAL_SITES:
+            raise UnsupportedArchitectureError(f"unknown site {name!r}; known sites: {', '.join(SITES + OPTIONAL_SITES)}")
+        template: str | None = getattr(self, name)
+        if template is None:
+            raise UnsupportedArchitectureError(f"{self.model_types[0]!r} models have no {name!r} site")
         if "{}" in template:
             if layer is None:
                 raise UnsupportedArchitectureError(f"site {name!r} is per-layer: give a layer number")
@@ -130,7 +150,9 @@ for _spec in (
         embed="gpt_neox.embed_in",
     ),
     ArchSpec(model_types=("llama", "mistral", "qwen2", "qwen3"), **_LLAMA_LIKE),
-    ArchSpec(model_types=("gemma", "gemma2", "gemma3_text"), **_LLAMA_LIKE),
+    ArchSpec(model_types=("gemma",), **_LLAMA_LIKE),  # Gemma 1: no norm after the MLP
+    ArchSpec(model_types=("gemma2", "gemma3_text"), **_LLAMA_LIKE,
+             post_mlp_norm="model.layers.{}.post_feedforward_layernorm", norm_weight_offset=1.0),
 ):
     register_architecture(_spec)
 
