@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_llm
 from fastmemit import editing
 from fastmemit.editing import Editor, EditResult
 from fastmemit.keys_values import TargetResult
 from fastmemit.requests import EditRequest
+from tests.helpers import tiny_llm
 
 POST_NORM = ("gemma2", "gemma3_text")
 PROMPTS = [("The mother tongue of {} is", "Danielle Darrieux"), ("{} plays the", "Toko Yasuda")]

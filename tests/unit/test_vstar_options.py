@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_llm
 from fastmemit import editing, keys_values
 from fastmemit.editing import Editor, TargetCache
 from fastmemit.errors import EditError
 from fastmemit.keys_values import _stops, optimize_targets, read_layer, rewrite_rows
 from fastmemit.methods import EditHparams, get_method
 from fastmemit.requests import EditRequest
+from tests.helpers import tiny_llm
 
 REQS = [EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
         EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="piano"),

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCHS
 from fastmemit import keys_values
 from fastmemit.editing import Editor, apply_deltas
 from fastmemit.hparams_registry import builtin_hparams
@@ -25,7 +24,8 @@ from fastmemit.keys_values import optimize_targets, read_layer, rewrite_rows
 from fastmemit.lm import lm_head
 from fastmemit.methods import EditHparams
 from fastmemit.probe import top_tokens
-from vstar_helpers import (
+from tests.helpers import ARCHS
+from tests.unit.vstar_helpers import (
     edit_hparams,
     edit_with_targets,
     editable_model,

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCHS
 from fastmemit.errors import EditError, UnsupportedArchitectureError
 from fastmemit.hooks import Trace
 from fastmemit.keys_values import optimize_targets, read_layer, rewrite_rows, value_site
 from fastmemit.methods import EditHparams
 from fastmemit.models.arch import get_arch, get_module
 from fastmemit.postnorm import PostNorm
-from vstar_helpers import (
+from tests.helpers import ARCHS
+from tests.unit.vstar_helpers import (
     POST_NORM,
     edit_hparams,
     edit_with_targets,
