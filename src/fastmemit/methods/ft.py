@@ -146,8 +146,9 @@ class FT(EditMethod):
                 weights = {**frozen, **{params[layer]: (w0[layer].to(work[layer]) + d).to(w0[layer].dtype)
                                         for layer, d in deltas.items()}}
                 loss = _chunk_loss(model, weights, chunk, pad, device)
-                total += float(loss) * len(chunk)
-                if float(loss) >= STOP_LOSS:
+                value = float(loss.detach())
+                total += value * len(chunk)
+                if value >= STOP_LOSS:
                     loss.backward()
                     self._step(hp, opt, deltas, w0)
                 if hp.norm_constraint:
