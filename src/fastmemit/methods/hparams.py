@@ -99,12 +99,12 @@ class EditHparams:
     bias_update: bool = _help("research-code field (ROME): also update the module's bias; not supported (must be false)",
                               False)
     model_name: str | None = _help("research-code field naming the model (informational)", None)
-    rewrite_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    layer_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    mlp_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    attn_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    ln_f_module: str | None = _help("research-code module name (checked, not used)", None)
-    lm_head_module: str | None = _help("research-code module name (checked, not used)", None)
+    rewrite_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    layer_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    mlp_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    attn_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    ln_f_module: str | None = _help("research-code module name (accepted, not used)", None)
+    lm_head_module: str | None = _help("research-code module name (accepted, not used)", None)
 
     # values of the fields a research-code file leaves out (module docstring); subclasses extend it
     research_defaults: ClassVar[dict[str, Any]] = {
