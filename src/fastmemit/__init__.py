@@ -2,6 +2,7 @@
 
     model, tok = fastmemit.load_model("smollm2-135m")
     result = fastmemit.edit(model, tok, requests, method="EMMET")   # result.restore() / .apply() / .save()
+    hp = fastmemit.load_hparams("gpt2-xl.json", method="EMMET")      # built-ins by the seed's file names
 
 Methods are found by name in a registry (:func:`available_methods`; add one with
 :func:`register_method`); :class:`Editor` edits batch after batch and keeps statistics, factors and
@@ -18,10 +19,12 @@ from fastmemit.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from fastmemit.hparams_registry import load_hparams
 from fastmemit.methods import (
     AlphaEditHparams,
     EditHparams,
     EditMethod,
+    FTHparams,
     LayerState,
     available_methods,
     get_method,
@@ -45,6 +48,7 @@ __all__ = [
     "EditRequest",
     "EditResult",
     "Editor",
+    "FTHparams",
     "FastMemitError",
     "LayerState",
     "StatisticsError",
@@ -58,6 +62,7 @@ __all__ = [
     "edit",
     "get_method",
     "load_deltas",
+    "load_hparams",
     "load_model",
     "register_architecture",
     "register_method",

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastmemit.errors import ConfigurationError, DeltaMismatchError, EditError
-from fastmemit.hparams_registry import builtin_hparams
+from fastmemit.hparams_registry import builtin_hparams, load_hparams
 from fastmemit.keys_values import (
     LayerReads,
     PromptRow,
@@ -210,8 +210,9 @@ class Editor:
     ``Editor(model, tok, "EMMET", hparams).edit(requests)`` applies the edit and returns an
     :class:`EditResult`. The Editor orchestrates: statistics and factors come from its
     :class:`~fastmemit.stats.provider.PreservedStats` (computed once per layer, cached on disk,
-    unless ``hparams.recompute_stats`` asks for them on the edited model before every batch; never
-    when the method does not read them), z* from ``optimize_targets`` (through ``target_cache``,
+    unless ``hparams.recompute_stats`` asks for them on the edited model before every batch, or, with
+    ``'layer'``, for every layer after the batch's earlier layers are written, as the seed's ``dynamic``
+    does; never when the method does not read them), z* from ``optimize_targets`` (through ``target_cache``,
     a :class:`TargetCache` or a plain dict used as its storage), Δ from the method. The weights
     of the edited layers when the Editor is created are kept as each :class:`LayerState`'s ``w0``.
     """
@@ -257,7 +258,14 @@ class Editor:
             check_layers(self.model, self.hp.layers)
         except ConfigurationError as e:  # an hparams problem: say which field
             raise EditError(f"hparams.layers: {e}") from None
-        if max(self.hp.layers) == num_layers(self.model) - 1 and self.hp.fact_token != "last":
+        n = num_layers(self.model)
+        if self.hp.v_loss_layer not in (-1, n - 1) and not self.method.fits_weights:
+            raise EditError(
+                f"hparams.v_loss_layer = {self.hp.v_loss_layer}: the research code reads the v* loss from that layer "
+                f"through the final norm; fastmemit reads the model's own logits, which is the same only for the last "
+                f"layer ({n - 1}, what every published file sets) or -1"
+            )
+        if max(self.hp.layers) == n - 1 and self.hp.fact_token != "last" and not self.method.fits_weights:
             raise EditError(
                 f"hparams.layers ends at the model's final layer ({max(self.hp.layers)}): a change at the subject "
                 "token there cannot reach the later target tokens; edit earlier layers"
@@ -275,12 +283,13 @@ class Editor:
                                                 seed=self.seed, use_cache=self.use_cache)
         return self._templates
 
-    def prepare_stats(self, force: bool = False) -> None:
+    def prepare_stats(self, force: bool = False, layers: Sequence[int] | None = None) -> None:
         """Statistics (one pass over every edited layer that lacks them) and factors, as the method needs.
 
         ``force``: recompute them on the model as it is now; the method carries its memory over.
+        ``layers``: only these (default: every edited layer).
         """
-        layers = [layer for layer in self.hp.layers if force or layer not in self.states]
+        layers = [layer for layer in (self.hp.layers if layers is None else layers) if force or layer not in self.states]
         if not layers:
             return
         matrix = self.method.preserved(self.hp) if self.method.needs_factor else None
@@ -318,12 +327,15 @@ class Editor:
             raise EditError("no edit requests given")
         self.method.validate(self.hp, len(reqs))
         params = _weight_params(self.model, self.hp.layers)
+        if self.method.fits_weights:
+            return self._fit(reqs, params)
         templates = self.templates()
         rows = rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)  # the one tokenization; fails early
         _check_context(self.model, self.tok, reqs, rows)
         fingerprint = model_fingerprint(self.model)
         t_stats = self.stats.seconds
-        self.prepare_stats(force=self.hp.recompute_stats and bool(self.states) and self.method.needs_mom2(self.hp))
+        if not self._stats_per_layer:  # per layer: prepared in _edit_group, on the model as edited so far
+            self.prepare_stats(force=bool(self.hp.recompute_stats) and bool(self.states) and self.method.needs_mom2(self.hp))
         batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0})
         memory = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
         try:
@@ -336,6 +348,29 @@ class Editor:
             raise
         return EditResult(batch.deltas(), self.method.name, self.hp.to_dict(), reqs, fingerprint, batch.timings,
                           batch.info, self.model, batch.originals)
+
+    @property
+    def _stats_per_layer(self) -> bool:
+        """``recompute_stats: 'layer'`` for a method that reads the statistics (the seed's ``dynamic``)."""
+        return self.hp.recompute_stats == "layer" and self.method.needs_mom2(self.hp)
+
+    def _fit(self, reqs: list[EditRequest], params: dict[int, tuple[str, nn.Parameter]]) -> EditResult:
+        """A method that fits its weights itself (``fits_weights``): its Δ per layer, written as every Δ is."""
+        fingerprint = model_fingerprint(self.model)
+        batch = _Batch(params, {"stats": 0.0, "v": 0.0, "solve": 0.0})
+        t0 = time.perf_counter()
+        try:
+            fit = self.method.fit_deltas(self.hp, self.model, self.tok, reqs, {k: n for k, (n, _) in params.items()})
+            for layer, delta in fit.deltas.items():
+                if not torch.isfinite(delta).all():
+                    raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
+                batch.add(self.model, layer, delta, fan_in_fan_out=False)  # Δ in the weight's stored orientation
+        except BaseException:
+            write_weights(self.model, batch.originals)
+            raise
+        batch.timings["solve"] = time.perf_counter() - t0
+        return EditResult(batch.deltas(), self.method.name, self.hp.to_dict(), reqs, fingerprint, batch.timings,
+                          fit.info, self.model, batch.originals)
 
     def _groups(self, reqs: list[EditRequest], rows: list[PromptRow],
                 n_templates: int) -> list[tuple[list[EditRequest], list[PromptRow]]]:
@@ -353,8 +388,10 @@ class Editor:
         batch.timings["v"] += t.seconds
         batch.info["v_nll"] += t.nll
         batch.info["v_steps"] += t.steps
-        t0 = time.perf_counter()
+        t0, t_stats = time.perf_counter(), self.stats.seconds
         for i, layer in enumerate(layers):
+            if self._stats_per_layer:  # the seed's dynamic: C0 of the model with this batch's earlier layers written
+                self.prepare_stats(force=True, layers=[layer])
             reads = read_layer(self.model, rows, len(reqs), len(templates), layer, last)  # K (d_k, B), H, M (B, d)
             R = layer_residual(self.model, layer, t, reads, len(layers) - i)  # (d, B)
             K = reads.K
@@ -366,7 +403,9 @@ class Editor:
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
             batch.add(self.model, layer, delta, self.arch.fan_in_fan_out)
             self.method.commit(self.hp, state, K)
-        batch.timings["solve"] += time.perf_counter() - t0
+        stats = self.stats.seconds - t_stats
+        batch.timings["stats"] += stats
+        batch.timings["solve"] += time.perf_counter() - t0 - stats
 
     def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> TargetResult:
         """z* (B, d) of the requests: from ``target_cache`` where possible, the rest optimized together."""
@@ -420,7 +459,8 @@ def _check_context(model: nn.Module, tok: Any, reqs: Sequence[EditRequest], rows
 
 
 def resolve_hparams(method: EditMethod, hparams: EditHparams | Mapping[str, Any] | str | Path | None, model: nn.Module | None = None) -> EditHparams:
-    """Hparams object from an instance, a dict, a JSON path, a built-in name, or None (model default)."""
+    """Hparams object from an instance, a dict, a built-in name or a JSON path (:func:`load_hparams`), or None
+    (the built-in for the model)."""
     cls = method.hparams_cls
     if hparams is None:
         return builtin_hparams(method.name, model)
@@ -430,10 +470,7 @@ def resolve_hparams(method: EditMethod, hparams: EditHparams | Mapping[str, Any]
         return hparams
     if isinstance(hparams, Mapping):
         return cls.from_dict(dict(hparams))
-    p = Path(hparams)
-    if p.suffix == ".json" or p.exists():
-        return cls.from_json(p)
-    return builtin_hparams(method.name, str(hparams))
+    return load_hparams(hparams, method.name)
 
 
 def edit(

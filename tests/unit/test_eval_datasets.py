@@ -223,7 +223,7 @@ def test_unreadable_files_give_clear_errors(tmp_path: Path) -> None:
 
 
 def test_zsre_loads_with_index_case_ids_and_skips_empty_alt(tmp_path: Path) -> None:
-    cases = load_zsre(write(tmp_path, "zsre.json", ZSRE))
+    cases = load_zsre(write(tmp_path, "zsre.json", ZSRE), convention="alt")  # the seed's default: tests/test_seed_zsre.py
     assert [c.case_id for c in cases] == [0, 2]  # record 1 has an empty alt
     c = cases[0]
     assert isinstance(c, ZsreCase)
@@ -235,7 +235,7 @@ def test_zsre_loads_with_index_case_ids_and_skips_empty_alt(tmp_path: Path) -> N
 
 def test_zsre_empty_alt_is_an_error_when_not_skipped(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"record 1, field 'alt': empty"):
-        load_zsre(write(tmp_path, "zsre.json", ZSRE), skip_empty_alt=False)
+        load_zsre(write(tmp_path, "zsre.json", ZSRE), skip_empty_alt=False, convention="alt")
 
 
 @pytest.mark.parametrize(
@@ -256,11 +256,12 @@ def test_malformed_zsre_record_error_names_record_and_field(tmp_path: Path, muta
 
 
 def test_shared_zsre_file_loads(data_dir: Path) -> None:
-    cases = load_zsre(data_dir / "zsre-1k.json")
+    cases = load_zsre(data_dir / "zsre-1k.json", convention="alt")
     assert len(cases) == 998  # records 534 and 723 have an empty alt
     assert cases[0].case_id == 0 and cases[-1].case_id == 999
     assert all(c.subject in c.src for c in cases)
-    assert load_dataset("zsre", data_dir / "zsre-1k.json", dataset_size_limit=10) == cases[:10]
+    assert load_dataset("zsre", data_dir / "zsre-1k.json", dataset_size_limit=10, zsre_convention="alt") == cases[:10]
+    assert len(load_zsre(data_dir / "zsre-1k.json")) == 1000  # the seed's convention edits towards answers[0]: all kept
 
 
 # ----------------------------------------------------------------------------- seed orderings
@@ -291,7 +292,7 @@ def test_shared_seed_ordering_against_the_smaller_counterfact_file(data_dir: Pat
 
 
 def test_shared_zsre_seed_ordering_uses_file_indices(data_dir: Path) -> None:
-    cases = load_zsre(data_dir / "zsre-1k.json")
+    cases = load_zsre(data_dir / "zsre-1k.json", convention="alt")
     ordering = load_seed_ordering(data_dir / "seed-samples" / "zsre_sampled_unique_10_10000.json", 0)
     ordered = order_cases(cases, ordering)
     assert ordered and all(c.case_id < 1000 for c in ordered)

@@ -214,7 +214,7 @@ def test_summary_is_means_times_100_and_score_the_harmonic_mean() -> None:
 def test_zsre_token_accuracies_on_a_hand_made_case(bigram: Any) -> None:
     model, tok = bigram
     case = ZsreCase(case_id=4, subject="tower", src="Where is tower in", rephrase="The tower lies near",
-                    alt="New York", answers=("Paris",), loc="Where in", loc_ans="Rome")
+                    alt="New York", answers=("Paris",), loc="Where in", loc_ans="Rome", convention="alt")
     (rec,) = evaluate_zsre_cases(model, tok, [case])
     assert rec["case_id"] == 4
     assert rec["rewrite_correct"] == [False, True]  # New after "in": no (Paris); York after New: yes

@@ -12,18 +12,19 @@ from fastmemit.errors import EditError
 from fastmemit.utils import check_writable, read_json
 
 NAME = "edit"
-HELP = "edit facts into a model (ROME, MEMIT, EMMET, AlphaEdit) and show before/after predictions"
+HELP = "edit facts into a model (ROME, MEMIT, EMMET, AlphaEdit, ENCORE, FT) and show before/after predictions"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--method", "--alg_name", dest="method", default="EMMET", help="ROME, MEMIT, EMMET or AlphaEdit (default EMMET)")
+    p.add_argument("--method", "--alg_name", dest="method", default="EMMET", help="ROME, MEMIT, EMMET, AlphaEdit, ENCORE or FT (default EMMET)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--request", action="append", help='JSON request, e.g. \'{"prompt": "The mother tongue of {} is", '
                      '"subject": "Danielle Darrieux", "target_new": "English"}\' (repeatable)')
     src.add_argument("--requests", type=Path, help="JSON file with a list of requests (also CounterFact records)")
     p.add_argument("--hparams", "--hparams_fname", dest="hparams", default=None,
-                   help="hparams JSON file or built-in name (default: the built-in for this model)")
+                   help="built-in name, also the seed's file names (gpt2-xl.json, EleutherAI_gpt-j-6B.json, ...), "
+                        "or a JSON file (default: the built-in for this model)")
     p.add_argument("--layers", type=parse_layers, default=None, help="override hparams.layers, e.g. 4-8")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override one hparams field, e.g. --set mom2_update_weight=1e4 (repeatable)")

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastmemit.cli.common import parse_bool, parse_set_overrides
+from fastmemit.cli.common import non_negative_int, parse_bool, parse_set_overrides
 from fastmemit.errors import RunError
-from fastmemit.eval.config import ALIAS_OF, FIELD_NAMES, RunConfig, setting_conflicts
+from fastmemit.eval.config import ALIAS_OF, FIELD_NAMES, SEED_CLI_DEFAULTS, RunConfig, setting_conflicts
+from fastmemit.eval.datasets import ZSRE_CONVENTIONS
 from fastmemit.eval.runner import default_run_dir, run_evaluation
 from fastmemit.eval.summary import metrics_of
 
@@ -37,22 +38,40 @@ def _flag(p: argparse.ArgumentParser | Any, name: str, kind: Any = str, help: st
 
 
 def _default(name: str) -> Any:
+    """The command's default: the seed's for the flags it names (SEED_CLI_DEFAULTS), else RunConfig's."""
+    if name in SEED_CLI_DEFAULTS:
+        return SEED_CLI_DEFAULTS[name]
     return next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
+
+
+def _sample_num(s: str) -> int | str:
+    """--sample_num: an ordering K ≥ 0, or 'none' for the dataset file's own order."""
+    return "none" if s.strip().lower() == "none" else non_negative_int(s)
+
+
+def _recompute(s: str) -> bool | str:
+    """--recompute_stats: true/false, or 'layer' (per layer, as the seed's dynamic)."""
+    return "layer" if s.strip().lower() == "layer" else parse_bool(s)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = _default
     g = p.add_argument_group("what to run (dash forms and the research code's names accepted too: --alg_name, "
                              "--model_name, --hparams_fname, --ds_name, --num_edits)")
-    _flag(g, "method", help=f"editing method: ROME, MEMIT, EMMET, AlphaEdit (default {d('method')})")
+    _flag(g, "method", help=f"editing method: ROME, MEMIT, EMMET, AlphaEdit, ENCORE, FT (default {d('method')})")
     _flag(g, "model", help=f"model alias, local folder or hub id (default {d('model')})")
-    _flag(g, "hparams", help="hparams JSON file or built-in name (default: the built-in for method and model)")
-    _flag(g, "dataset", help="cf (CounterFact), mcf (multi-CounterFact) or zsre (default cf)",
+    _flag(g, "hparams", help="built-in name, also the seed's file names (gpt2-xl.json, EleutherAI_gpt-j-6B.json, ...), "
+                             "or a JSON file (default: the built-in for method and model)")
+    _flag(g, "dataset", help=f"cf (CounterFact), mcf (multi-CounterFact) or zsre (default {d('dataset')}, as the seed)",
           choices=["cf", "counterfact", "mcf", "multi_counterfact", "zsre"])
     _flag(g, "data", help="dataset file (default: the published file in the download cache, see --download)")
-    _flag(g, "download", _BOOL, help="download the published dataset when --data is not given (default false)")
+    _flag(g, "download", _BOOL, help="download the published dataset into the cache when --data is not given and "
+                                     "it is missing (default true, as the seed)")
     _flag(g, "dataset_size_limit", int, help="use at most N cases (after ordering)")
-    _flag(g, "sample_num", int, help="seed ordering K of the case ids (seed-samples file); default: file order")
+    _flag(g, "sample_num", _sample_num, help=f"seed ordering K of the case ids (seed-samples file), or 'none' for the "
+                                             f"file's own order (default {d('sample_num')}, as the seed)")
+    _flag(g, "zsre_convention", help=f"zsRE: {'; '.join(f'{k} = {v}' for k, v in ZSRE_CONVENTIONS.items())} "
+                                     f"(default {d('zsre_convention')})", choices=list(ZSRE_CONVENTIONS))
     _flag(g, "seed_samples", help="seed-samples file or folder (default: seed-samples/ beside --data, or the cache)")
     _flag(g, "edits_per_batch", int, help=f"cases edited together (default {d('edits_per_batch')})")
     _flag(g, "sequential", _BOOL, help="true (default): edits accumulate over batches; false: batched, the "
@@ -62,8 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _flag(g, "dtype", help="model dtype (default float32)")
 
     h = p.add_argument_group("hparams overrides")
-    _flag(h, "recompute_stats", _BOOL, help="recompute the statistics on the edited model before every batch")
-    _flag(h, "dynamic_multiplier", float, help="FastMEMIT: statistics from this many × d_k keys")
+    _flag(h, "recompute_stats", _recompute, help="recompute the statistics on the edited model: true = before every "
+                                                   "batch; layer = for every layer after the batch's earlier layers are "
+                                                   "written (the seed's dynamic: true); default: the hparams' value",
+          nargs="?", const=True, metavar="BOOL|layer")
+    _flag(h, "dynamic_multiplier", float, help="FastMEMIT: statistics from this many × d_k keys (turns dynamic on)")
     h.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override one hparams field, e.g. --set mom2_update_weight=1e4 (repeatable)")
 
@@ -78,7 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     ds = p.add_argument_group("downstream checks (before the first edit and every K batches)")
     _flag(ds, "do_downstream_eval", _BOOL, help="run few-shot downstream checks (default false)")
-    _flag(ds, "downstream_eval_steps", int, help="K: a check after every K batches and after the last (default 1)")
+    _flag(ds, "downstream_eval_steps", int, help=f"K: a check after every K batches and after the last "
+                                                 f"(default {d('downstream_eval_steps')}, as the seed)")
     _flag(ds, "downstream_tasks", help=f"comma list (default {d('downstream_tasks')})")
     _flag(ds, "number_of_few_shots", help="comma list, one shot count per task (default 0 for all)")
     _flag(ds, "number_of_tests", int, help="test items per task (default: all)")
@@ -100,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _flag(r, "checkpoint_interval", int, help="sequential: checkpoint the edited model every K batches; a "
                                               "restart redoes the batches after the last checkpoint (default 1)")
     _flag(r, "save_model", _BOOL, help="save deltas (or the model) every --save_model_interval batches")
-    _flag(r, "save_model_interval", int, help="K for --save_model (default 1)")
+    _flag(r, "save_model_interval", int, help=f"K for --save_model (default {d('save_model_interval')}, as the seed)")
     _flag(r, "save_model_location", help="where --save_model writes (default RUN_DIR/models)")
     _flag(r, "save_model_format", help="deltas (safetensors; sequential: cumulative) or full (save_pretrained)",
           choices=["deltas", "full"])
@@ -149,6 +172,8 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The RunConfig and run folder that the flags describe (stored settings first when resuming);
     paths absolute, as the run stores them, so that a resume from another folder compares equal."""
     explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
+    if explicit.get("sample_num") == "none":
+        explicit["sample_num"] = None
     overrides = _overrides(args)
     run_dir: Path | None = None
     if args.continue_from_run is not None:
@@ -157,7 +182,7 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     elif args.config is not None:
         base = RunConfig.from_json(args.config).to_dict()
     else:
-        base = RunConfig().to_dict()
+        base = RunConfig(**SEED_CLI_DEFAULTS).to_dict()
     base.update(explicit)
     if overrides:
         base["hparams_overrides"] = {**base["hparams_overrides"], **overrides}

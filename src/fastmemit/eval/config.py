@@ -6,6 +6,10 @@ Field names are the library's own (``method``, ``model``, ``hparams``, ``dataset
 :meth:`RunConfig.from_dict` and the CLI, and in the ``config.json`` of run folders written before
 the rename. :data:`ALIASES` is the whole mapping.
 
+The ``evaluate`` command's defaults for the flags named as in the research code follow the FastMEMIT
+code (the seed): :data:`SEED_CLI_DEFAULTS`; ``RunConfig()`` itself keeps neutral defaults for library use
+(the dataset file's own order, one downstream check per batch). docs/seed-compat.md compares every flag.
+
 A run folder's ``config.json`` holds the settings (its ``"run"`` block, paths made absolute by
 :meth:`RunConfig.normalized`) beside the resolved hparams, the model's fingerprint and the case ids.
 :func:`config_differences` compares two of them on what must not change between a run and its
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmemit.errors import RunError
+from fastmemit.eval.datasets import ZSRE_CONVENTIONS
 from fastmemit.utils import read_json
 
 RUN_FORMAT = 1  # "format" of config.json
@@ -54,6 +59,16 @@ ALIAS_OF: dict[str, str] = {field_name: alias for alias, field_name in ALIASES.i
 # Fields holding a path, stored absolute so that a restart from another folder compares equal.
 PATH_FIELDS = ("data", "seed_samples", "consistency_dir", "downstream_data_dir")
 
+# Defaults of the evaluate command for the flags the seed names, as in the seed
+# (experiments/evaluate_unified_editing.py): --ds_name mcf, --sample_num 0, --downstream_eval_steps 100,
+# --save_model_interval 100. (The seed's download of missing data is RunConfig's default.)
+SEED_CLI_DEFAULTS: dict[str, Any] = {"dataset": "mcf", "sample_num": 0, "downstream_eval_steps": 100,
+                                     "save_model_interval": 100}
+
+# Fields added after config.json's format 1 was first written, with the value that reproduces a stored
+# zsRE run that predates them (for other datasets the field means nothing and is not compared).
+ADDED_FIELDS: dict[str, Any] = {"zsre_convention": "alt"}
+
 _POSITIVE = ("edits_per_batch", "eval_batch_size", "eval_chunk", "downstream_eval_steps", "checkpoint_interval",
              "save_model_interval")
 
@@ -82,7 +97,7 @@ class RunConfig:
                                            factory=dict)
     dataset: str = _f("cf", "cf | counterfact | mcf | multi_counterfact | zsre (alias ds_name)")
     data: str | None = _f(None, "dataset file; None: the download cache (see load_dataset)")
-    download: bool = _f(False, "fetch the published dataset file when data is None and it is not cached")
+    download: bool = _f(True, "fetch the published dataset file when data is None and it is not cached (as the seed)")
     dataset_size_limit: int | None = _f(None, "use at most this many cases (after ordering)")
     sample_num: int | None = _f(None, "seed ordering K of the dataset's seed-samples file; None: file order")
     seed_samples: str | None = _f(None, "seed-samples file or folder; None: looked up beside the data")
@@ -103,6 +118,8 @@ class RunConfig:
     number_of_tests: int | None = _f(None, "test items per task (None: all)")
     downstream_data_dir: str | None = _f(None, "folder of <task>.jsonl (None: the downstream default)")
     dtype: str = _f("float32", "model dtype when the runner loads the model")
+    zsre_convention: str = _f("seed", "zsRE: seed (edit towards answers[0], neighbour prompt without 'nq question:'), "
+                                      "memit (answers[0], loc + '?'), alt (EasyEdit's target alt, loc + '?')")
     # --- runtime: may change between a run and its restart
     device: str = _f("cpu", "torch device when the runner loads the model")
     use_cache: bool = _f(True, "disk caches of statistics and context templates")
@@ -129,6 +146,8 @@ class RunConfig:
             raise RunError(f"dataset_size_limit must be a positive integer or None, got {self.dataset_size_limit!r}")
         if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
             raise RunError(f"sample_num must be a non-negative integer or None, got {self.sample_num!r}")
+        if self.zsre_convention not in ZSRE_CONVENTIONS:
+            raise RunError(f"zsre_convention must be one of {', '.join(ZSRE_CONVENTIONS)}, got {self.zsre_convention!r}")
         if self.save_model_format not in ("deltas", "full"):
             raise RunError(f"save_model_format must be 'deltas' or 'full', got {self.save_model_format!r}")
         if not isinstance(self.hparams_overrides, dict):
@@ -162,7 +181,7 @@ class RunConfig:
         p = Path(path)
         data = read_json(p, "config file", RunError)
         if isinstance(data, dict) and "run" in data and isinstance(data["run"], dict):
-            data = data["run"]
+            data = with_added_fields(data["run"])
         if not isinstance(data, dict):
             raise RunError(f"config file {str(p)!r}: expected a JSON object")
         return cls.from_dict(data)
@@ -243,10 +262,21 @@ def stored_config(cfg: RunConfig, run_dir: Path, **facts: Any) -> dict[str, Any]
     return {"format": RUN_FORMAT, "run": cfg.normalized().to_dict(), **facts, "reproduce": reproduce}
 
 
+def with_added_fields(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored ``"run"`` block with :data:`ADDED_FIELDS` it predates filled in as that run used them."""
+    out = dict(run)
+    if renamed(run).get("dataset") == "zsre":
+        for k, v in ADDED_FIELDS.items():
+            out.setdefault(k, v)
+    return out
+
+
 def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a stored config that must be equal for a restart to continue the run (the
-    settings by field name, whichever names the file uses)."""
-    run = renamed(config_json.get("run", {}))
+    settings by field name, whichever names the file uses; the zsRE convention only for zsRE)."""
+    run = renamed(with_added_fields(config_json.get("run", {})))
+    if run.get("dataset") != "zsre":
+        run.pop("zsre_convention", None)
     return {"format": config_json.get("format"), "run": {k: v for k, v in run.items() if k not in RUNTIME_FIELDS},
             "method": config_json.get("method"), "hparams": config_json.get("hparams"),
             "base_fingerprint": config_json.get("base_fingerprint"), "case_ids": config_json.get("case_ids")}

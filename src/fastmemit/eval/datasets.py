@@ -14,7 +14,9 @@ record raises :class:`DatasetError` naming the record (index and ``case_id``) an
   two differ is accepted and the neighbour keeps its own answer (:attr:`CounterFactCase.neighborhood_target`).
 - **zsRE, MEND form** (``zsre_mend_eval.json``): ``subject, src, pred, rephrase, alt, answers, loc,
   loc_ans, cond``; records carry no id, so ``case_id`` is the record's index in the file (what the
-  research code and the seed orderings use).
+  research code and the seed orderings use). What is edited and scored depends on the convention
+  (:data:`ZSRE_CONVENTIONS`): the seed's by default (edit ``src`` towards ``answers[0]``, neighbour
+  prompt ``loc`` without its ``"nq question:"`` prefix, plus ``"?"``).
 
 Seed orderings (``{"0": [case_id, ...], ..., "9": [...]}``) refer to the full datasets' ids: against a
 smaller file :func:`order_cases` keeps the ids present, in the ordering's order.
@@ -37,6 +39,14 @@ from fastmemit.errors import DatasetError
 from fastmemit.utils import atomic_path, cache_dir, logger, read_json
 
 BASE_URL = "https://memit.baulab.info/data/dsets/"
+
+# zsRE conventions: name -> (edit target, neighbour prompt), see ZsreCase.
+ZSRE_CONVENTIONS: dict[str, str] = {
+    "seed": "target answers[0]; neighbour prompt loc without 'nq question:', plus '?' (efficient-/unified-model-editing)",
+    "memit": "target answers[0]; neighbour prompt loc + '?' (kmeng01 ROME/MEMIT)",
+    "alt": "target alt (EasyEdit's choice); neighbour prompt loc + '?' (fastmemit 0.1)",
+}
+NQ_PREFIX = "nq question:"
 
 # Short names accepted by download_dataset / load_dataset, mapped to the published file names.
 DATASET_FILES: dict[str, str] = {
@@ -95,7 +105,11 @@ class CounterFactCase:
 
 @dataclass(frozen=True)
 class ZsreCase:
-    """One zsRE question-answering edit (MEND split): make ``src`` answer ``alt``."""
+    """One zsRE question-answering edit (MEND split): make ``src`` answer :attr:`target_new`.
+
+    ``convention`` (:data:`ZSRE_CONVENTIONS`) decides the target (``answers[0]`` as the seed and
+    ROME/MEMIT, or ``alt`` as EasyEdit) and the neighbour prompt (:attr:`neighborhood_prompt`).
+    """
 
     case_id: int
     subject: str
@@ -107,14 +121,33 @@ class ZsreCase:
     loc_ans: str
     pred: str | None = None
     cond: str | None = None
+    convention: str = "seed"
+
+    def __post_init__(self) -> None:
+        if self.convention not in ZSRE_CONVENTIONS:
+            raise DatasetError(f"zsRE convention must be one of {', '.join(ZSRE_CONVENTIONS)}, got {self.convention!r}")
+
+    @property
+    def target_new(self) -> str:
+        """What the edit writes and efficacy/generalization score: ``alt`` (convention ``alt``), else ``answers[0]``."""
+        return self.alt if self.convention == "alt" else self.answers[0]
+
+    @property
+    def neighborhood_prompt(self) -> str:
+        """The neighbour question whose answer ``loc_ans`` must survive the edit (``loc`` lacks its '?')."""
+        if self.convention == "seed" and self.loc.startswith(NQ_PREFIX):
+            return self.loc[len(NQ_PREFIX):].strip() + "?"
+        return self.loc + "?"
 
     @property
     def requested_rewrite(self) -> dict[str, Any]:
-        """A fresh ``EditRequest``-compatible dict; ``target_true`` is the first gold answer."""
+        """A fresh ``EditRequest``-compatible dict; ``target_true`` is ``answers[0]`` when the target is ``alt``
+        (None otherwise: the research code's placeholder ``<|endoftext|>`` is no answer)."""
         i = self.src.find(self.subject)
         prompt = self.src[:i] + "{}" + self.src[i + len(self.subject):] if i >= 0 else self.src
-        return {"prompt": prompt, "subject": self.subject, "target_new": self.alt,
-                "target_true": self.answers[0] if self.answers else None, "case_id": self.case_id}
+        true = self.answers[0] if self.convention == "alt" and self.answers else None
+        return {"prompt": prompt, "subject": self.subject, "target_new": self.target_new, "target_true": true,
+                "case_id": self.case_id}
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -272,14 +305,19 @@ def load_counterfact(
 
 
 def load_zsre(
-    path: str | os.PathLike[str], *, dataset_size_limit: int | None = None, skip_empty_alt: bool = True
+    path: str | os.PathLike[str], *, dataset_size_limit: int | None = None, skip_empty_alt: bool = True,
+    convention: str = "seed",
 ) -> list[ZsreCase]:
     """Load zsRE in the MEND form; ``case_id`` is the record's index in the file.
 
-    Records whose new answer ``alt`` is empty (2 of the first 1,000 in the MEND split) have no
-    target to edit towards: they are skipped with a warning (``skip_empty_alt=False``: an error).
+    ``convention`` (:data:`ZSRE_CONVENTIONS`) sets what the cases edit and score. With ``"alt"``,
+    records whose new answer ``alt`` is empty (2 of the first 1,000 in the MEND split) have no
+    target to edit towards: they are skipped with a warning (``skip_empty_alt=False``: an error); the
+    other conventions edit towards ``answers[0]`` and keep them, as the research code does.
     ``dataset_size_limit`` keeps the first N records of the file, before skipping.
     """
+    if convention not in ZSRE_CONVENTIONS:
+        raise DatasetError(f"zsRE convention must be one of {', '.join(ZSRE_CONVENTIONS)}, got {convention!r}")
     _check_limit(dataset_size_limit)
     raw, name = _read_json_list(path)
     if dataset_size_limit is not None:
@@ -289,7 +327,7 @@ def load_zsre(
     for i, r in enumerate(raw):
         rec = _Record(r, i, name)
         alt = rec.str_field("alt", nonempty=False)
-        if not alt.strip():
+        if not alt.strip() and convention == "alt":
             if not skip_empty_alt:
                 raise rec.error("alt", "empty string")
             skipped.append(i)
@@ -313,6 +351,7 @@ def load_zsre(
             loc_ans=rec.str_field("loc_ans"),
             pred=pred if isinstance(pred, str) else None,
             cond=cond if isinstance(cond, str) else None,
+            convention=convention,
         ))
     if skipped:
         logger.warning("%s: skipped %d record(s) with an empty 'alt' (indices %s)", name, len(skipped),
@@ -469,11 +508,13 @@ def load_dataset(
     dataset_size_limit: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
+    zsre_convention: str = "seed",
 ) -> list[CounterFactCase] | list[ZsreCase]:
     """Load ``counterfact``/``cf``, ``mcf`` or ``zsre`` from ``path``, or from the download cache.
 
     Without ``path`` the published file is looked up in ``cache_dir`` (default
-    :func:`default_data_dir`) and fetched only when ``download=True``.
+    :func:`default_data_dir`) and fetched only when ``download=True`` (the evaluation runs' default).
+    ``zsre_convention``: see :func:`load_zsre`.
     """
     if name not in ("counterfact", "cf", "mcf", "multi_counterfact", "zsre"):
         raise DatasetError(f"unknown evaluation dataset {name!r}; use counterfact, mcf or zsre")
@@ -485,5 +526,5 @@ def load_dataset(
                 raise DatasetError(f"{path} not found: pass the dataset's path, or download=True to fetch {BASE_URL}{_file_name(name)}")
             path = download_dataset(name, folder)
     if name == "zsre":
-        return load_zsre(path, dataset_size_limit=dataset_size_limit)
+        return load_zsre(path, dataset_size_limit=dataset_size_limit, convention=zsre_convention)
     return load_counterfact(path, dataset_size_limit=dataset_size_limit)

@@ -263,15 +263,16 @@ def evaluate_zsre_cases(
 
     The question is followed by ``" " + answer``; each answer token counts as correct when it is the
     argmax given the question and the answer's earlier tokens. Per case (in [0, 1]):
-    ``efficacy`` (``alt`` after ``src``), ``generalization`` (``alt`` after ``rephrase``),
-    ``specificity`` (``loc_ans`` after ``loc + "?"``; ``loc`` is an NQ question without its question
-    mark, which the research code adds). Lists of per-token results are kept under ``*_correct``.
+    ``efficacy`` (the case's ``target_new`` after ``src``), ``generalization`` (``target_new`` after
+    ``rephrase``), ``specificity`` (``loc_ans`` after the case's ``neighborhood_prompt``). The case's
+    convention sets both (``answers[0]`` and the cleaned ``loc`` + "?" by default, as the seed).
+    Lists of per-token results are kept under ``*_correct``.
     """
     prompts: list[str] = []
     targets: list[str] = []
     for c in cases:
-        prompts += [c.src, c.rephrase, c.loc + "?"]
-        targets += [c.alt, c.alt, c.loc_ans]
+        prompts += [c.src, c.rephrase, c.neighborhood_prompt]
+        targets += [c.target_new, c.target_new, c.loc_ans]
     scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
     records = []
     for k, c in enumerate(cases):

@@ -113,7 +113,8 @@ def load_cases(cfg: RunConfig) -> list[Case]:
     data_path = Path(cfg.data).expanduser() if cfg.data is not None else None
     # without an ordering the first N records are the first N cases (zsRE: skipped records aside)
     head = cfg.dataset_size_limit if cfg.sample_num is None and loader != "zsre" else None
-    cases = list(load_dataset(loader, data_path, dataset_size_limit=head, download=cfg.download))
+    cases = list(load_dataset(loader, data_path, dataset_size_limit=head, download=cfg.download,
+                              zsre_convention=cfg.zsre_convention))
     if not cases:
         raise DatasetError(f"{cfg.data or cfg.dataset}: no cases")
     if cfg.sample_num is not None:

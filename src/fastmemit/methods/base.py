@@ -12,15 +12,17 @@ batches lives in that layer's :class:`LayerState`, read and written only by the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from fastmemit.errors import EditError
 from fastmemit.linalg import FactoredCov
 from fastmemit.methods.hparams import EditHparams
+from fastmemit.requests import EditRequest
 from fastmemit.stats.provider import PreservedMatrix
 
 
@@ -42,8 +44,17 @@ class LayerState:
     w0: torch.Tensor | None = None  # (d, d_k) math orientation, the weight's dtype and device
 
 
+@dataclass
+class FitResult:
+    """What a method that fits its weights itself (:attr:`EditMethod.fits_weights`) returns for a batch."""
+
+    deltas: dict[int, torch.Tensor]  # layer -> Δ = W_fitted − W_before, the weight's stored orientation, float64
+    info: dict[str, Any] = field(default_factory=dict)  # per-batch diagnostics, kept in EditResult.info
+
+
 class EditMethod:
-    """Base class of the methods: override :meth:`layer_delta`, declare the rest."""
+    """Base class of the methods: override :meth:`layer_delta` (or, with ``fits_weights``, :meth:`fit_deltas`),
+    declare the rest."""
 
     name: ClassVar[str]
     hparams_cls: ClassVar[type[EditHparams]] = EditHparams
@@ -61,6 +72,9 @@ class EditMethod:
     # LayerState.extra entries that carry memory across batches (checkpointed by state_dict, kept when the
     # statistics are recomputed); other extra entries are derived from the statistics and rebuilt
     carried_state: ClassVar[frozenset[str]] = frozenset()
+    # fits the edited weights itself (gradient steps, FT) instead of z* and a closed-form layer_delta: the Editor
+    # calls fit_deltas and writes the deltas it returns; no statistics, context templates or z*
+    fits_weights: ClassVar[bool] = False
 
     def validate(self, hp: EditHparams, n_requests: int) -> None:
         if self.single_layer and len(hp.layers) != 1:
@@ -92,6 +106,13 @@ class EditMethod:
         """
         raise NotImplementedError
 
+    def fit_deltas(self, hp: EditHparams, model: nn.Module, tok: Any, requests: Sequence[EditRequest],
+                   params: Mapping[int, str]) -> FitResult:
+        """``fits_weights`` methods: Δ per layer for the parameters ``params`` (layer -> parameter name), fitted
+        on ``model`` as it is. The model's parameters must be left exactly as they were (the Editor writes Δ
+        through :func:`fastmemit.editing.write_weights`, so that undo and saved deltas work as for every method)."""
+        raise NotImplementedError
+
     def commit(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> None:
         """Called after a batch's delta is applied (sequential memory; nothing by default)."""
 
@@ -113,6 +134,9 @@ class EditMethod:
 
 
 _REGISTRY: dict[str, EditMethod] = {}
+# methods of the research code that fastmemit refuses by name, with the reason
+_REFUSED = {"MEND": "MEND edits through a hypernetwork trained for each model (the research code loads MEND's "
+                    "trained editor weights), which fastmemit neither trains nor loads"}
 
 
 def register_method(method: EditMethod, *, replace: bool = False) -> EditMethod:
@@ -133,6 +157,8 @@ def get_method(name: str) -> EditMethod:
     """The method registered as ``name`` (any case). Importing this module runs the package's
     ``__init__`` first, which registers the built-in methods, so they are always found."""
     key = str(name).upper()
+    if key not in _REGISTRY and key in _REFUSED:
+        raise EditError(f"method {name!r} is not supported: {_REFUSED[key]}; available: {', '.join(available_methods())}")
     if key not in _REGISTRY:
         raise EditError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[key]

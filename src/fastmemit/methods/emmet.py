@@ -2,7 +2,9 @@
 
 Δ = R (Kᵀ C⁻¹ K + emmet_lambda·I)⁻¹ Kᵀ C⁻¹ with C = λC0 + update_norm_lambda·I. emmet_lambda
 regularizes the B×B system (0 gives exact memorization); update_norm_lambda is FastMEMIT's ε·I
-that keeps C well conditioned when it comes from few keys.
+that keeps C well conditioned when it comes from few keys. The seed adds the ridge only for B > 1
+(``emmet_ridge_one_edit`` false, the default of research-code files): one request is then exactly
+ROME's rank-one closed form.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class EMMET(EditMethod):
                 f"EMMET cannot satisfy {K.shape[1]} equality constraints with d_k = {state.factor.dim}: "
                 "the batch must not exceed the key dimension"
             )
-        return ridge_system_delta(R, K, state.factor, mu=hp.emmet_lambda)  # (d, d_k)
+        mu = hp.emmet_lambda if K.shape[1] > 1 or hp.emmet_ridge_one_edit else 0.0
+        return ridge_system_delta(R, K, state.factor, mu=mu)  # (d, d_k)
 
 
 register_method(EMMET())

@@ -1,9 +1,17 @@
 """Typed hyperparameters, loadable from the research code's JSON files as they are.
 
 Algorithm hyperparameters only: where modules live is the architecture table's business, so the
-research files' module templates (``rewrite_module_tmp`` ...) are accepted and checked against the
-table, never used to find modules. Unknown fields and wrongly typed values are errors that name
-the field; fields starting with ``_`` (comments, provenance) are ignored.
+research files' module templates (``rewrite_module_tmp`` ...) are accepted and never used to find
+modules. Unknown fields and wrongly typed values are errors that name the field; fields starting
+with ``_`` (comments, provenance) are ignored.
+
+**Research-code files.** A JSON file that names none of fastmemit's own fields (every field it names
+is one of the research code's, :data:`RESEARCH_FIELDS`) is read as a research-code file, e.g. one of
+the seed's (scalable-model-editing/efficient-model-editing) or unified-model-editing's: the fields it
+leaves out take the value the research code hard-codes (:attr:`EditHparams.research_defaults`: the
+six context templates ``[[10, 5]]`` of MEMIT/EMMET, EMMET's ridge only for more than one edit), not
+fastmemit's default. Objects built in Python, dicts and files that name any fastmemit field keep
+fastmemit's defaults. docs/seed-compat.md lists every research field and what it does here.
 """
 
 from __future__ import annotations
@@ -14,12 +22,26 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from fastmemit.errors import EditError
-from fastmemit.utils import read_json
+from fastmemit.utils import logger, read_json
 
 T = TypeVar("T", bound="EditHparams")
+
+# Every field name of the research code's hparams classes: ROME/MEMIT (kmeng01), ROME/MEMIT/EMMET/FT of
+# unified-model-editing and efficient-model-editing (the seed), AlphaEdit. A file naming only these is
+# a research-code file (see the module docstring).
+RESEARCH_FIELDS = frozenset({
+    "layers", "layer_selection", "fact_token", "v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay",
+    "clamp_norm_factor", "kl_factor", "mom2_adjustment", "mom2_update_weight", "context_template_length_params",
+    "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module",
+    "mom2_dataset", "mom2_n_samples", "mom2_dtype", "calculate_objective_value", "update_norm_lambda",
+    "emmet_lambda", "dynamic_multiplier", "dynamic", "shuffle_text", "wikipedia_lang", "skill_preservation",
+    "skill_lambda", "skill_sample_size", "random_vector_preservation", "proj_dim", "identity_cov", "bias_update",
+    "model_name", "nullspace_threshold", "L2",
+    "num_steps", "lr", "weight_decay", "norm_constraint", "batch_size", "wd_power_law",  # FT
+})
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -59,11 +81,19 @@ class EditHparams:
     mom2_dataset: str = _help("research-code name of the statistics corpus ('wikipedia' → our default corpus)", "wikipedia")
     update_norm_lambda: float = _help("ε added to λC0 as ε·I (FastMEMIT's fix for C0 from few keys)", 0.0)
     emmet_lambda: float = _help("EMMET: ridge μ on the B×B system (0: exact equality constraints); unused elsewhere", 0.1)
+    emmet_ridge_one_edit: bool = _help(
+        "EMMET: add emmet_lambda·I also for a batch of one request (false: the seed's rule, only for B > 1, so that "
+        "one request is exactly ROME's closed form; research-code files default to false)", True)
     mom2_n_samples: int = _help("classic MEMIT count: number of keys (tokens) for C0 when dynamic is false; -1: the whole corpus", 100000)
     mom2_dtype: str = _help("research-code field; our statistics always accumulate in float64", "float32")
     dynamic: bool = _help("FastMEMIT: C0 from dynamic_multiplier × d_k keys instead of mom2_n_samples", False)
-    dynamic_multiplier: float = _help("FastMEMIT multiplier of d_k", 10.0)
-    recompute_stats: bool = _help("recompute C0 on the edited model before each batch (the seed's dynamic path)", False)
+    dynamic_multiplier: float = _help(
+        "FastMEMIT multiplier of d_k (read when dynamic is true; setting it through replace() or a flag turns "
+        "dynamic on, a file that sets it with dynamic false gets a warning)", 10.0)
+    recompute_stats: bool | str = _help(
+        "statistics of the edited model: false = computed once (cached); true = recomputed before every batch; "
+        "'layer' = recomputed for every layer of every batch after the earlier layers of the batch are written "
+        "(what the seed's dynamic: true does)", False)
     context_template_length_params: list[list[int]] = _help(
         "[[length, count], ...] of model-generated context templates", factory=lambda: [[5, 10], [10, 10]]
     )
@@ -78,14 +108,30 @@ class EditHparams:
     skill_lambda: float = _help("research-code experiment field (unused)", 1.0)
     skill_sample_size: int = _help("research-code experiment field (unused)", 10000)
     random_vector_preservation: bool = _help("research-code experiment, not supported (must be false)", False)
-    proj_dim: int = _help("research-code experiment field (unused)", 0)
+    proj_dim: int = _help("research-code field: d_k for identity_cov/random vectors (we read d_k from the model)", 0)
+    bias_update: bool = _help("research-code field (ROME): also update the module's bias; not supported (must be false)",
+                              False)
     model_name: str | None = _help("research-code field naming the model (informational)", None)
-    rewrite_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    layer_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    mlp_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    attn_module_tmp: str | None = _help("research-code module template (checked, not used)", None)
-    ln_f_module: str | None = _help("research-code module name (checked, not used)", None)
-    lm_head_module: str | None = _help("research-code module name (checked, not used)", None)
+    rewrite_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    layer_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    mlp_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    attn_module_tmp: str | None = _help("research-code module template (accepted, not used)", None)
+    ln_f_module: str | None = _help("research-code module name (accepted, not used)", None)
+    lm_head_module: str | None = _help("research-code module name (accepted, not used)", None)
+
+    # values of the fields a research-code file leaves out (module docstring); subclasses extend it
+    research_defaults: ClassVar[dict[str, Any]] = {
+        "context_template_length_params": [[10, 5]],  # MEMIT/EMMET/AlphaEdit hard-code [(10, 5)]: 6 templates
+        "emmet_ridge_one_edit": False,  # the seed's emmet_main.py: `if D.shape[0] > 1`
+    }
+    # research-code values that fastmemit does not implement: field -> (accepted values, why)
+    unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
+        "skill_preservation": ((False,), "a research experiment whose function is missing from the seed's code"),
+        "random_vector_preservation": ((False,), "a research ablation (random keys instead of corpus keys)"),
+        "shuffle_text": ((False,), "a research ablation (corpus tokens shuffled inside each text)"),
+        "bias_update": ((False,), "ROME's bias update (keys extended by a constant 1)"),
+        "layer_selection": (("all",), "the seed declares 'random' but never implements it"),
+    }
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # NaN and inf pass every < / > check below: refuse them first
@@ -112,9 +158,12 @@ class EditHparams:
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "update_norm_lambda", "emmet_lambda"):
             if getattr(self, name) < 0:
                 raise EditError(f"hparams.{name} must be non-negative, got {getattr(self, name)}")
-        for name in ("skill_preservation", "random_vector_preservation"):
-            if getattr(self, name):
-                raise EditError(f"hparams.{name} = true is a research experiment fastmemit does not implement")
+        for name, (ok, why) in self.unsupported.items():
+            if getattr(self, name) not in ok:
+                raise EditError(f"hparams.{name} = {getattr(self, name)!r} is not implemented in fastmemit: {why} "
+                                f"(accepted: {', '.join(map(repr, ok))})")
+        if not (isinstance(self.recompute_stats, bool) or self.recompute_stats == "layer"):
+            raise EditError(f"hparams.recompute_stats must be false, true or 'layer', got {self.recompute_stats!r}")
         if self.wikipedia_lang != "en" and self.stats_corpus is None:
             raise EditError("hparams.wikipedia_lang other than 'en' needs stats_corpus (e.g. 'hf:wikimedia/wikipedia:20231101.xx')")
         for pair in self.context_template_length_params:
@@ -130,6 +179,16 @@ class EditHparams:
     # --- (de)serialization -------------------------------------------------------------------
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "hparams") -> T:
+        """Hparams from a dict of fields (every field it leaves out takes the dataclass default)."""
+        return cls._build(data, source)
+
+    @classmethod
+    def is_research_file(cls, data: dict[str, Any]) -> bool:
+        """Whether ``data`` names only research-code fields (:data:`RESEARCH_FIELDS`; ``_`` keys ignored)."""
+        return all(k in RESEARCH_FIELDS for k in data if not k.startswith("_"))
+
+    @classmethod
+    def _build(cls: type[T], data: dict[str, Any], source: str) -> T:
         if not isinstance(data, dict):
             raise EditError(f"{source}: expected a JSON object, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -148,15 +207,38 @@ class EditHparams:
 
     @classmethod
     def from_json(cls: type[T], path: str | Path) -> T:
+        """Hparams from a JSON file; a research-code file gets :attr:`research_defaults` for what it leaves out."""
         p = Path(path)
         data = read_json(p, "hparams file", EditError)
-        return cls.from_dict(data, source=f"hparams file {p.name}")
+        source = f"hparams file {p.name}"
+        if isinstance(data, dict) and cls.is_research_file(data):
+            added = {k: v for k, v in cls.research_defaults.items() if k not in data}
+            if added:
+                logger.info("%s names only research-code fields: the research code's %s", source,
+                            ", ".join(f"{k}={v!r}" for k, v in added.items()))
+            data = {**data, **added}
+        hp = cls.from_dict(data, source=source)
+        if isinstance(data, dict) and "dynamic_multiplier" in data and not hp.dynamic:
+            logger.warning("%s: dynamic_multiplier = %g is not used because dynamic is false: the statistics come from "
+                           "mom2_n_samples = %d keys (the seed's ROME does the same; set dynamic: true, or pass "
+                           "--dynamic_multiplier, for FastMEMIT's reduced statistics)", source, hp.dynamic_multiplier,
+                           hp.mom2_n_samples)
+        return hp
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self: T, **changes: Any) -> T:
-        return self.from_dict({**self.to_dict(), **changes})
+        """A copy with ``changes``. Setting ``dynamic_multiplier`` without ``dynamic`` turns dynamic on (the
+        seed's rule: a multiplier means reduced statistics), so that an override is never silently unused."""
+        if "dynamic_multiplier" in changes and "dynamic" not in changes and not self.dynamic:
+            logger.info("dynamic_multiplier = %s given: dynamic turned on (statistics from dynamic_multiplier × d_k "
+                        "keys instead of mom2_n_samples)", changes["dynamic_multiplier"])
+            changes = {**changes, "dynamic": True}
+        elif "dynamic_multiplier" in changes and changes.get("dynamic") is False:
+            logger.warning("dynamic_multiplier = %s given with dynamic false: the multiplier is not used",
+                           changes["dynamic_multiplier"])
+        return self._build({**self.to_dict(), **changes}, "hparams")
 
 
 _FACT_TOKEN_ALIASES = {"subject_last": "subject_last", "subject_first": "subject_first", "last": "last",
