@@ -140,8 +140,9 @@ def keys_and_outputs(
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                   use_cache=False, logits_to_keep=1)
         rix = torch.arange(len(chunk))
-        keys.append(tr.inputs[k_name][rix, fact.to(device)].double().cpu())  # (n, d_k)
-        outs.append(tr.outputs[h_name][rix, fact.to(device)].double().cpu())  # (n, d)
+        k, h = tr.inputs[k_name], tr.outputs[h_name]  # each on its own module's device (device maps)
+        keys.append(k[rix.to(k.device), fact.to(k.device)].double().cpu())  # (n, d_k)
+        outs.append(h[rix.to(h.device), fact.to(h.device)].double().cpu())  # (n, d)
     K = torch.cat(keys).reshape(n_requests, n_templates, -1).mean(1)  # (B, d_k)
     H = torch.cat(outs).reshape(n_requests, n_templates, -1)[:, 0]  # (B, d)
     return K.T.contiguous(), H
@@ -204,14 +205,15 @@ class _VBatch:
         added at the fact token of block ``block``.
 
         The LM head runs only on the positions read (a few per row), not on every position."""
-        def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d)
-            capture["h"] = h[:, 0].detach()
+        def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d), on the block's device
+            capture["h"] = h[:, 0].detach().to(self.tok_len.device)
             onehot = torch.zeros(h.shape[1], 1, dtype=h.dtype, device=h.device)
             onehot[0] = 1.0
-            return h + onehot * delta_rows.to(h.dtype).unsqueeze(1)  # (n, S, d)
+            return h + onehot * delta_rows.to(device=h.device, dtype=h.dtype).unsqueeze(1)  # (n, S, d)
 
         with edit_output(model, block, add):
             hidden = self.prefix.run(self.batch, body=True).last_hidden_state  # (n, S, d)
+        hidden = hidden.to(self.tok_len.device)  # from the last block's device (device maps)
         nr = self.n_rewrite
         picked = torch.cat([hidden[self.tok_rows, self.tok_cols - 1],  # the position before each target token
                             hidden[nr + torch.arange(len(self.kl_cols), device=hidden.device), self.kl_cols]])  # (m, d)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastmemit.errors import EditError
+from fastmemit.models.devices import input_device
 from fastmemit.utils import logger, progress
 
 Ids = Sequence[int]
@@ -41,10 +42,10 @@ Ids = Sequence[int]
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    """The device input ids go to: the input embedding's (its execution device in a device-mapped
+    model, :func:`fastmemit.models.devices.input_device`), else the first parameter's (CPU for a
+    parameterless module)."""
+    return input_device(model)
 
 
 def pad_id(tok: Any) -> int:
@@ -148,8 +149,9 @@ def target_ids(tok: Any, prompt: str, target: str, prompt_ids: Ids | None = None
 
 
 def lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V) float32 from final hidden states (..., d), with Gemma-style soft-capping."""
-    logits = model.get_output_embeddings()(hidden).float()
+    """Logits (..., V) float32 from final hidden states (..., d), with Gemma-style soft-capping, on
+    ``hidden``'s device (a device-mapped model may hold its LM head on another device)."""
+    logits = model.get_output_embeddings()(hidden).float().to(hidden.device)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
