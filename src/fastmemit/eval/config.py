@@ -103,6 +103,9 @@ class RunConfig:
     dtype: str = _f("float32", "model dtype when the runner loads the model")
     # --- runtime: may change between a run and its restart
     device: str = _f("cpu", "torch device when the runner loads the model")
+    device_map: str | None = _f(None, "accelerate device map when the runner loads the model: auto, ... or a JSON file")
+    stats_device: str | None = _f(None, "where statistics accumulate and are kept (None: each layer's device / the CPU)")
+    solve_device: str | None = _f(None, "where each layer's factorization and solve run (None: the statistics' device)")
     use_cache: bool = _f(True, "disk caches of statistics and context templates")
     stats_cache_dir: str | None = _f(None, "statistics cache folder (None: the user cache)")
     conserve_memory: bool = _f(False, "no shared z* cache; free accelerator memory between batches")
@@ -164,7 +167,7 @@ class RunConfig:
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunConfig))
 
-RUNTIME_FIELDS = frozenset({"device", "use_cache", "stats_cache_dir", "conserve_memory", "checkpoint_interval",
+RUNTIME_FIELDS = frozenset({"device", "device_map", "stats_device", "solve_device", "use_cache", "stats_cache_dir", "conserve_memory", "checkpoint_interval",
                             "save_model", "save_model_interval", "save_model_location", "save_model_format",
                             "plots", "show_progress", "download"})
 
