@@ -94,7 +94,8 @@ def spread_map(model: nn.Module, device: str = "cpu") -> dict[str, str]:
 
 def dispatched(model: nn.Module) -> nn.Module:
     """``model`` with accelerate's dispatch hooks on every block (all on the CPU)."""
-    m = dispatch_model(model, spread_map(model), force_hooks=True)
+    m = dispatch_model(model, spread_map(model), force_hooks=True,
+                       skip_keys=getattr(model, "_skip_keys_device_placement", None))  # as from_pretrained does
     arch = get_arch(m)
     assert hasattr(get_module(m, arch.site("block", 0)), "_hf_hook"), "no AlignDevicesHook attached"
     return m
