@@ -70,12 +70,13 @@ class AlphaEdit(EditMethod):
         assert isinstance(hp, AlphaEditHparams)
         P = self._projector(hp, state, K.device)  # (d_k, d_k)
         K, R = K.to(F64), R.to(F64)
-        d_k = K.shape[0]
         M = K @ K.T  # (d_k, d_k)
         if "Kp" in state.extra:
             Kp = state.extra["Kp"].to(K.device)  # (d_k, n_prev), stored beside E[k kᵀ]
             M = M + Kp @ Kp.T
-        A = M @ P + hp.L2 * torch.eye(d_k, dtype=F64, device=K.device)  # (d_k, d_k)
+        A = M @ P  # (d_k, d_k)
+        del M  # at most P, M and A (then P, A and the solve's copy of A) on the solve device
+        A.diagonal().add_(hp.L2)  # A = M P + α I, in place
         # Δ A = R Kᵀ P  ⇔  Aᵀ Δᵀ = P K Rᵀ  (P symmetric)
         delta_t = torch.linalg.solve(A.T, P @ K @ R.T)  # (d_k, d)
         return delta_t.T  # (d, d_k)
