@@ -48,6 +48,7 @@ from fastmemit.keys_values import (
 from fastmemit.lm import model_context, target_ids
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
 from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
+from fastmemit.models.devices import check_resident
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.postnorm import PostNorm
 from fastmemit.requests import EditRequest
@@ -113,6 +114,8 @@ def write_weights(
     with torch.no_grad():
         for name, w0 in base.items():
             p = params[name]
+            if p.device.type == "meta":
+                raise EditError(f"parameter {name} is offloaded (meta device): fastmemit writes resident weights only")
             d = None if deltas is None else deltas.get(name)
             if d is None:
                 new = w0
@@ -120,6 +123,13 @@ def write_weights(
                 dt = torch.promote_types(w0.dtype, d.dtype)
                 new = w0.to(dt) + d.to(device=w0.device, dtype=dt)
             p.copy_(new.to(device=p.device, dtype=p.dtype))
+
+
+def _moved(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``tensors`` on ``device``: the same dict when all are there already, else a new one."""
+    if all(t.device == device for t in tensors.values()):
+        return tensors
+    return {k: t.to(device) for k, t in tensors.items()}
 
 
 def _weight_params(model: nn.Module, layers: Sequence[int]) -> dict[int, tuple[str, nn.Parameter]]:
@@ -215,6 +225,11 @@ class Editor:
     does; never when the method does not read them), z* from ``optimize_targets`` (through ``target_cache``,
     a :class:`TargetCache` or a plain dict used as its storage), Δ from the method. The weights
     of the edited layers when the Editor is created are kept as each :class:`LayerState`'s ``w0``.
+
+    Devices (docs/scale.md): ``stats_device`` is where the statistics accumulate and where they,
+    the factors and the method's memory are kept (default: accumulated on each layer's device, kept
+    on the CPU); ``solve_device`` is where each layer's factorization and solve run (default: the
+    statistics' device), one layer's matrices at a time. Δ is written on the weight's own device.
     """
 
     def __init__(
@@ -230,6 +245,8 @@ class Editor:
         show_progress: bool = True,
         use_cache: bool = True,
         target_cache: TargetCache | dict[Any, TargetValue] | None = None,
+        stats_device: str | torch.device | None = None,
+        solve_device: str | torch.device | None = None,
     ) -> None:
         self.model, self.tok = model, tok
         self.method: EditMethod = get_method(method)
@@ -240,17 +257,18 @@ class Editor:
         self.value_site = value_site(model, None if self.hp.v_site == "auto" else self.hp.v_site, self.method.value_site)
         self.seed, self.show_progress, self.use_cache = seed, show_progress, use_cache
         hp = self.hp
-        count = {"dynamic_multiplier": hp.dynamic_multiplier} if hp.dynamic else {"n_keys": hp.mom2_n_samples}
-        self.stats = PreservedStats(
-            model, tok, corpus=corpus if corpus is not None else hp.stats_corpus, batch_size=hp.stats_batch_size,
-            seq_len=hp.stats_seq_len, seed=seed, cache_dir=stats_cache_dir, use_cache=use_cache,
-            show_progress=show_progress, **count,
-        )
+        self.stats = PreservedStats.from_hparams(
+            model, tok, hp, corpus=corpus, seed=seed, cache_dir=stats_cache_dir, use_cache=use_cache,
+            show_progress=show_progress, stats_device=stats_device, compute_device=solve_device)
+        # devices (docs/scale.md): statistics, factors and method memory stay on the storage device; each
+        # layer's solve runs on the solve device, which holds one layer's matrices at a time
+        self.solve_device = self.stats.compute_device
         self.states: dict[int, LayerState] = {}
         self._templates: list[str] | None = None
+        weights = _weight_params(model, hp.layers)
+        check_resident(model, [name for name, _ in weights.values()], what="editing")
         # W0 of each edited layer (math orientation, weight's dtype and device): before any edit of this Editor
-        self.w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone()
-                   for layer, (_, p) in _weight_params(model, hp.layers).items()}
+        self.w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone() for layer, (_, p) in weights.items()}
         self.target_cache = TargetCache(target_cache) if isinstance(target_cache, dict) else target_cache
 
     def _check_layers(self) -> None:
@@ -317,8 +335,8 @@ class Editor:
             per_layer.setdefault(int(layer), {})[name] = v
         if per_layer and not self.states:
             self.prepare_stats()
-        for layer, tensors in per_layer.items():  # on the CPU, beside the keys and statistics the solve uses
-            self.method.load_state_dict(self.states[layer], {k: v.cpu() for k, v in tensors.items()})
+        for layer, tensors in per_layer.items():  # on the storage device, beside the statistics
+            self.method.load_state_dict(self.states[layer], {k: v.to(self.stats.storage_device) for k, v in tensors.items()})
 
     # --- the edit --------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditResult:
@@ -393,8 +411,8 @@ class Editor:
             if self._stats_per_layer:  # the seed's dynamic: C0 of the model with this batch's earlier layers written
                 self.prepare_stats(force=True, layers=[layer])
             reads = read_layer(self.model, rows, len(reqs), len(templates), layer, last)  # K (d_k, B), H, M (B, d)
-            R = layer_residual(self.model, layer, t, reads, len(layers) - i)  # (d, B)
-            K = reads.K
+            R = layer_residual(self.model, layer, t, reads, len(layers) - i).to(self.solve_device)  # (d, B)
+            K = reads.K.to(self.solve_device)
             W = as_math(batch.params[layer][1].detach(), self.arch.fan_in_fan_out)  # (d, d_k) current weight
             W = W.to(device=K.device, dtype=torch.float64, copy=True)  # the method's own copy
             state = self.states[layer]
@@ -403,6 +421,7 @@ class Editor:
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
             batch.add(self.model, layer, delta, self.arch.fan_in_fan_out)
             self.method.commit(self.hp, state, K)
+            state.extra = _moved(state.extra, self.stats.storage_device)  # memory back beside the statistics
         stats = self.stats.seconds - t_stats
         batch.timings["stats"] += stats
         batch.timings["solve"] += time.perf_counter() - t0 - stats

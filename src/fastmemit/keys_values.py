@@ -166,9 +166,10 @@ def read_layer(
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                   use_cache=False, logits_to_keep=1)
         rix = torch.arange(len(chunk))
-        keys.append(tr.inputs[k_name][rix, fact.to(device)].double().cpu())  # (n, d_k)
-        outs.append(tr.outputs[h_name][rix, fact.to(device)].double().cpu())  # (n, d)
-        vals.append(tr.outputs[k_name][rix, fact.to(device)].double().cpu())  # (n, d)
+        k, h, m = tr.inputs[k_name], tr.outputs[h_name], tr.outputs[k_name]  # each on its module's device
+        keys.append(k[rix.to(k.device), fact.to(k.device)].double().cpu())  # (n, d_k)
+        outs.append(h[rix.to(h.device), fact.to(h.device)].double().cpu())  # (n, d)
+        vals.append(m[rix.to(m.device), fact.to(m.device)].double().cpu())  # (n, d)
     K = torch.cat(keys).reshape(n_requests, n_templates, -1).mean(1)  # (B, d_k)
     H = torch.cat(outs).reshape(n_requests, n_templates, -1)[:, 0]  # (B, d)
     M = torch.cat(vals).reshape(n_requests, n_templates, -1)[:, 0]  # (B, d)
@@ -267,21 +268,22 @@ class _VBatch:
         and, when the site is the edited matrix, the block output after it (``"z"``, (n, d)).
 
         The LM head runs only on the positions read (a few per row), not on every position."""
-        def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d)
-            capture["h"] = h[:, 0].detach()
+        def add(h: torch.Tensor) -> torch.Tensor:  # h: (n, S, d), on the site's device
+            capture["h"] = h[:, 0].detach().to(self.tok_len.device)
             if h.dtype in _HALF:  # δ stays float32: h + δ summed in float32, rounded once to the model's dtype
                 onehot = torch.zeros(h.shape[1], 1, dtype=torch.float32, device=h.device)
                 onehot[0] = 1.0
-                return (h.float() + onehot * delta_rows.float().unsqueeze(1)).to(h.dtype)  # (n, S, d)
+                return (h.float() + onehot * delta_rows.to(h.device).float().unsqueeze(1)).to(h.dtype)  # (n, S, d)
             onehot = torch.zeros(h.shape[1], 1, dtype=h.dtype, device=h.device)
             onehot[0] = 1.0
-            return h + onehot * delta_rows.to(h.dtype).unsqueeze(1)  # (n, S, d)
+            return h + onehot * delta_rows.to(device=h.device, dtype=h.dtype).unsqueeze(1)  # (n, S, d)
 
         trace = None if site.block is None else Trace(model, [site.block])
         with edit_output(model, site.add, add), trace or contextlib.nullcontext():
             hidden = self.prefix.run(self.batch, body=True).last_hidden_state  # (n, S, d)
         if trace is not None and site.block is not None:
-            capture["z"] = trace.outputs[site.block][:, 0]  # (n, d)
+            capture["z"] = trace.outputs[site.block][:, 0].to(self.tok_len.device)  # (n, d)
+        hidden = hidden.to(self.tok_len.device)  # from the last block's device (device maps)
         nr = self.n_rewrite
         picked = torch.cat([hidden[self.tok_rows, self.tok_cols - 1],  # the position before each target token
                             hidden[nr + torch.arange(len(self.kl_cols), device=hidden.device), self.kl_cols]])  # (m, d)

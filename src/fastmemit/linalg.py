@@ -26,7 +26,10 @@ F64 = torch.float64
 
 
 class FactoredCov:
-    """Cholesky factor of a symmetric positive definite d_k×d_k matrix C (float64)."""
+    """Cholesky factor of a symmetric positive definite d_k×d_k matrix C (float64).
+
+    C and L are stored on C's device (``factor`` given: moved there); :meth:`solve` runs on the
+    device of its right-hand side. Memory: 2 · 8 · d_k² bytes (C and L)."""
 
     def __init__(self, C: torch.Tensor, *, name: str = "C", factor: torch.Tensor | None = None) -> None:
         if C.ndim != 2 or C.shape[0] != C.shape[1]:
@@ -51,8 +54,11 @@ class FactoredCov:
         return int(self.C.shape[0])
 
     def solve(self, K: torch.Tensor) -> torch.Tensor:
-        """C⁻¹ K for K: (d_k, B) → (d_k, B), by two triangular solves (O(d_k²·B))."""
-        return torch.cholesky_solve(K.to(F64), self.L)
+        """C⁻¹ K for K: (d_k, B) → (d_k, B), by two triangular solves (O(d_k²·B)) on K's device.
+
+        The factor stays where it is stored (e.g. the CPU, to bound accelerator memory); a copy on K's
+        device exists only during the solve."""
+        return torch.cholesky_solve(K.to(F64), self.L.to(K.device))
 
 
 def ridge_system_delta(R: torch.Tensor, K: torch.Tensor, F: FactoredCov, mu: float) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastmemit.errors import EditError
+from fastmemit.models.devices import input_device
 from fastmemit.utils import logger, progress
 
 Ids = Sequence[int]
@@ -41,10 +42,10 @@ Ids = Sequence[int]
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    """The device input ids go to: the input embedding's (its execution device in a device-mapped
+    model, :func:`fastmemit.models.devices.input_device`), else the first parameter's (CPU for a
+    parameterless module)."""
+    return input_device(model)
 
 
 def pad_id(tok: Any) -> int:
@@ -148,16 +149,18 @@ def target_ids(tok: Any, prompt: str, target: str, prompt_ids: Ids | None = None
 
 
 def lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V) float32 from final hidden states (..., d), with Gemma-style soft-capping.
+    """Logits (..., V) float32 from final hidden states (..., d), with Gemma-style soft-capping, on
+    ``hidden``'s device (a device-mapped model may hold its LM head on another device).
 
     A half-precision model's head runs in float32 (its weight upcast for the call): the logits feed
     v*'s losses and a bf16 logit of ~20 is only known to ±0.06."""
     head = model.get_output_embeddings()
     if hidden.dtype in (torch.float16, torch.bfloat16) and isinstance(head, nn.Linear):
         bias = None if head.bias is None else head.bias.float()
-        logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
+        x = hidden.to(head.weight.device).float()
+        logits = nn.functional.linear(x, head.weight.float(), bias).to(hidden.device)  # (..., V)
     else:
-        logits = head(hidden).float()
+        logits = head(hidden).float().to(hidden.device)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

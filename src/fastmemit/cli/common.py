@@ -8,6 +8,8 @@ import math
 from typing import Any, NoReturn
 
 from fastmemit.errors import ConfigurationError
+from fastmemit.models.loading import load_model
+from fastmemit.stats.distributed import Shard, rank_device
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -102,12 +104,39 @@ def parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
 
 
+DEVICE_MAP_HELP = ("spread the model over devices with accelerate instead of --device: auto (or balanced, "
+                   "balanced_low_0, sequential) or a JSON file {module name: device} (docs/scale.md)")
+STATS_DEVICE_HELP = ("where the float64 statistics accumulate and are kept with the factors and the method's memory "
+                     "(default: accumulated on each layer's device, kept on the CPU); cpu bounds GPU memory")
+SOLVE_DEVICE_HELP = "where each layer's factorization and solve run, one layer at a time (default: the statistics' device)"
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_name", dest="model", default="smollm2-135m",
                    help="built-in alias (smollm2-135m, gemma3-270m), local folder or Hugging Face id (default: smollm2-135m)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default: cpu); under "
+                                                   "torchrun, cuda means each rank's cuda:LOCAL_RANK")
+    p.add_argument("--device-map", "--device_map", dest="device_map", default=None, metavar="auto|FILE.json",
+                   help=DEVICE_MAP_HELP)
     p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 (default: float32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """``--stats-device`` and ``--solve-device`` (Editor's ``stats_device`` / ``solve_device``)."""
+    p.add_argument("--stats-device", "--stats_device", dest="stats_device", default=None, help=STATS_DEVICE_HELP)
+    p.add_argument("--solve-device", "--solve_device", dest="solve_device", default=None, help=SOLVE_DEVICE_HELP)
+
+
+def load_cli_model(args: argparse.Namespace, shard: Shard | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` as ``--model/--device/--device-map/--dtype`` say, on this rank's device under
+    torchrun (``shard``), where every rank holds a whole model and a device map is refused."""
+    device_map = getattr(args, "device_map", None)
+    if shard is not None and device_map is not None:
+        raise ConfigurationError("--device-map cannot be combined with torchrun: every rank holds a whole model "
+                                 "(one GPU per rank); use one or the other")
+    return load_model(args.model, device=rank_device(args.device), dtype=args.dtype,
+                      trust_remote_code=getattr(args, "trust_remote_code", False), device_map=device_map)
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastmemit.cli.common import add_model_arguments, positive_int
+from fastmemit.cli.common import add_model_arguments, load_cli_model, positive_int
 
 NAME = "downstream"
 HELP = "few-shot downstream checks (sst2, mrpc, cola, rte, mmlu, sentiment_analysis, nli, dialogue)"
@@ -47,7 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastmemit.downstream import DownstreamError, evaluate_tasks, parse_task_flags, results_to_records
-    from fastmemit.models import load_model
     from fastmemit.utils import check_writable, write_json_atomic
 
     flags = parse_task_flags(args.tasks, args.number_of_few_shots, args.number_of_tests)  # fail before loading
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.deltas and not Path(args.deltas).is_file():
         raise DownstreamError(f"--deltas {args.deltas!r} does not exist")
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model, tok = load_cli_model(args)
     if args.deltas:
         import fastmemit
 

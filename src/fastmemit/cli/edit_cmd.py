@@ -7,8 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastmemit.cli.common import add_model_arguments, parse_layers, parse_set_overrides, positive_int
+from fastmemit.cli.common import (
+    add_memory_arguments,
+    add_model_arguments,
+    load_cli_model,
+    parse_layers,
+    parse_set_overrides,
+    positive_int,
+)
 from fastmemit.errors import EditError
+from fastmemit.stats.distributed import session
+from fastmemit.stats.service import lead_or_serve
 from fastmemit.utils import check_writable, read_json
 
 NAME = "edit"
@@ -17,6 +26,7 @@ HELP = "edit facts into a model (ROME, MEMIT, EMMET, AlphaEdit, ENCORE, FT) and 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_memory_arguments(p)
     p.add_argument("--method", "--alg_name", dest="method", default="EMMET", help="ROME, MEMIT, EMMET, AlphaEdit, ENCORE or FT (default EMMET)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--request", action="append", help='JSON request, e.g. \'{"prompt": "The mother tongue of {} is", '
@@ -66,10 +76,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastmemit.editing import Editor, resolve_hparams
     from fastmemit.methods import get_method
-    from fastmemit.models import load_model
-    from fastmemit.probe import generate, top_tokens
 
     requests = _load_requests(args)
     method = get_method(args.method)
@@ -77,7 +84,16 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.save_deltas, "--save-deltas")
     if args.cache_dir is not None:
         check_writable(args.cache_dir, "--cache-dir", kind="dir")
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    # under torchrun: rank 0 edits, the other ranks serve its statistics passes (docs/scale.md)
+    with session(args.device) as shard:
+        model, tok = load_cli_model(args, shard)
+        return lead_or_serve(model, tok, shard, lambda: _edit(args, method, requests, model, tok))
+
+
+def _edit(args: argparse.Namespace, method: Any, requests: list[Any], model: Any, tok: Any) -> int:
+    from fastmemit.editing import Editor, resolve_hparams
+    from fastmemit.probe import generate, top_tokens
+
     hp = resolve_hparams(method, args.hparams, model)
     overrides = _overrides(args)
     if overrides:
@@ -85,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = [r.text for r in requests]
     gen_prompts = prompts if args.generate is None or not args.generate else args.generate
     before = {"top": top_tokens(model, tok, prompts, args.top), "gen": generate(model, tok, gen_prompts, args.max_new_tokens)}
-    editor = Editor(model, tok, method.name, hp, corpus=args.corpus, stats_cache_dir=args.cache_dir, seed=args.seed)
+    editor = Editor(model, tok, method.name, hp, corpus=args.corpus, stats_cache_dir=args.cache_dir, seed=args.seed,
+                    stats_device=args.stats_device, solve_device=args.solve_device)
     result = editor.edit(requests)
     after = {"top": top_tokens(model, tok, prompts, args.top), "gen": generate(model, tok, gen_prompts, args.max_new_tokens)}
     if args.save_deltas is not None:

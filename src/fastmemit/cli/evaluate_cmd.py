@@ -9,12 +9,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastmemit.cli.common import non_negative_int, parse_bool, parse_set_overrides
+from fastmemit.cli.common import (
+    DEVICE_MAP_HELP,
+    SOLVE_DEVICE_HELP,
+    STATS_DEVICE_HELP,
+    load_cli_model,
+    non_negative_int,
+    parse_bool,
+    parse_set_overrides,
+)
 from fastmemit.errors import RunError
 from fastmemit.eval.config import ALIAS_OF, FIELD_NAMES, SEED_CLI_DEFAULTS, RunConfig, setting_conflicts
 from fastmemit.eval.datasets import ZSRE_CONVENTIONS
 from fastmemit.eval.runner import default_run_dir, run_evaluation
 from fastmemit.eval.summary import metrics_of
+from fastmemit.stats.distributed import session
+from fastmemit.stats.service import lead_or_serve
 
 NAME = "evaluate"
 HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --edits_per_batch and score them before "
@@ -116,7 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "stored settings and hparams; flags that contradict them are refused")
     r.add_argument("--config", default=None, help="take the settings from a run's config.json (reproduce a run); "
                                                   "other flags override them")
-    _flag(r, "device", help="torch device (default cpu)")
+    _flag(r, "device", help="torch device (default cpu); under torchrun, cuda means each rank's cuda:LOCAL_RANK")
+    _flag(r, "device_map", help=DEVICE_MAP_HELP)
+    _flag(r, "stats_device", help=STATS_DEVICE_HELP)
+    _flag(r, "solve_device", help=SOLVE_DEVICE_HELP)
     _flag(r, "use_cache", _BOOL, help="disk caches of statistics and context templates (default true)")
     _flag(r, "stats_cache_dir", help="statistics cache folder")
     _flag(r, "conserve_memory", _BOOL, help="no shared z* cache; free accelerator memory between batches")
@@ -198,8 +211,19 @@ def _fmt(v: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg, run_dir = build_config(args)
+    with session(cfg.device) as shard:
+        if shard is None:
+            return _evaluate(args, cfg, run_dir)
+        # under torchrun: rank 0 runs the evaluation, the other ranks serve its statistics passes
+        model, tok = load_cli_model(argparse.Namespace(model=cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                                       device_map=cfg.device_map), shard)
+        return lead_or_serve(model, tok, shard, lambda: _evaluate(args, cfg, run_dir, model, tok))
+
+
+def _evaluate(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, model: Any = None, tok: Any = None) -> int:
     argv = sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else None
-    result = run_evaluation(cfg, run_dir, command=["fastmemit", NAME, *argv] if argv is not None else None,
+    result = run_evaluation(cfg, run_dir, model=model, tok=tok,
+                            command=["fastmemit", NAME, *argv] if argv is not None else None,
                             continue_run=args.continue_from_run is not None)
     s = result.summary
     if args.json:

@@ -7,16 +7,20 @@ import json
 import sys
 
 from fastmemit.cli.common import (
+    STATS_DEVICE_HELP,
     add_model_arguments,
     key_count,
+    load_cli_model,
     parse_layers,
     positive_float,
     positive_int,
     seq_len,
 )
+from fastmemit.stats.distributed import session
 
 NAME = "stats"
-HELP = "compute (or load from cache) E[k kᵀ] of the edited layers' keys over a corpus"
+HELP = ("compute (or load from cache) E[k kᵀ] of the edited layers' keys over a corpus; under "
+        "torchrun --nproc_per_node N the corpus is split over the ranks")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,29 +38,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seq-len", type=seq_len, default=256, help="tokens per row; longer documents are cut in pieces")
     p.add_argument("--seed", type=int, default=0, help="corpus shuffling seed")
+    p.add_argument("--stats-device", "--stats_device", dest="stats_device", default=None, help=STATS_DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object per layer")
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastmemit.models import load_model
     from fastmemit.stats import compute_layer_stats
     from fastmemit.utils import check_writable
 
     if args.cache_dir is not None and not args.no_cache:
         check_writable(args.cache_dir, "--cache-dir", kind="dir")
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     dm = args.dynamic_multiplier
     if dm is None and args.n_tokens is None:
         dm = 10.0
-    try:
-        stats = compute_layer_stats(
-            model, tok, args.layers, args.corpus, n_keys=args.n_tokens, dynamic_multiplier=dm,
-            batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-            cache=not args.no_cache, cache_dir=args.cache_dir,
-        )
-    except ValueError as e:  # bad settings for this model (layer range, counts, sizes): a usage error
-        print(f"fastmemit {NAME}: error: {e}", file=sys.stderr)
-        return 2
+    with session(args.device) as shard:  # under torchrun: every rank runs this, its share of the corpus
+        model, tok = load_cli_model(args, shard)
+        try:
+            stats = compute_layer_stats(
+                model, tok, args.layers, args.corpus, n_keys=args.n_tokens, dynamic_multiplier=dm,
+                batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                cache=not args.no_cache, cache_dir=args.cache_dir, stats_device=args.stats_device,
+            )
+        except ValueError as e:  # bad settings for this model (layer range, counts, sizes): a usage error
+            print(f"fastmemit {NAME}: error: {e}", file=sys.stderr)
+            return 2
+        if shard is not None and shard.rank != 0:
+            return 0  # rank 0 reports
     rows = [s.summary() for s in stats.values()]
     if args.json:
         for r in rows:

@@ -122,6 +122,9 @@ class RunConfig:
                                       "memit (answers[0], loc + '?'), alt (EasyEdit's target alt, loc + '?')")
     # --- runtime: may change between a run and its restart
     device: str = _f("cpu", "torch device when the runner loads the model")
+    device_map: str | None = _f(None, "accelerate device map when the runner loads the model: auto, ... or a JSON file")
+    stats_device: str | None = _f(None, "where statistics accumulate and are kept (None: each layer's device / the CPU)")
+    solve_device: str | None = _f(None, "where each layer's factorization and solve run (None: the statistics' device)")
     use_cache: bool = _f(True, "disk caches of statistics and context templates")
     stats_cache_dir: str | None = _f(None, "statistics cache folder (None: the user cache)")
     conserve_memory: bool = _f(False, "no shared z* cache; free accelerator memory between batches")
@@ -210,7 +213,7 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
     raise RunError(f"run setting {field_label(name)} must be {names}, got {type(value).__name__} {value!r:.60}")
 
-RUNTIME_FIELDS = frozenset({"device", "use_cache", "stats_cache_dir", "conserve_memory", "checkpoint_interval",
+RUNTIME_FIELDS = frozenset({"device", "device_map", "stats_device", "solve_device", "use_cache", "stats_cache_dir", "conserve_memory", "checkpoint_interval",
                             "save_model", "save_model_interval", "save_model_location", "save_model_format",
                             "plots", "show_progress", "download"})
 

@@ -225,7 +225,8 @@ class _Setup:
             cache = target_cache if target_cache is not None else {}
         return Editor(self.model, self.tok, self.method.name, self.hp, corpus=cfg.corpus,
                       stats_cache_dir=cfg.stats_cache_dir, seed=cfg.seed, show_progress=cfg.show_progress,
-                      use_cache=cfg.use_cache, target_cache=cache)
+                      use_cache=cfg.use_cache, target_cache=cache, stats_device=cfg.stats_device,
+                      solve_device=cfg.solve_device)
 
     def case_lines(self, rec: BatchRecord[int], pre: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The ``cases.jsonl`` lines of an edited batch (``pre``: the pre-phase lines by case index)."""
@@ -260,7 +261,7 @@ def _prepare(cfg: RunConfig, folder: RunFolder, model: nn.Module | None, tok: An
     times: dict[str, float] = {}
     if model is None:
         t0 = time.perf_counter()
-        model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
         times["load_model"] = time.perf_counter() - t0
     elif tok is None:
         raise RunError("a model was passed without its tokenizer")

@@ -49,37 +49,47 @@ class AlphaEdit(EditMethod):
     def needs_mom2(self, hp: EditHparams) -> bool:
         return True  # the projector comes from E[k kᵀ] whatever mom2_adjustment says
 
-    def _projector(self, hp: AlphaEditHparams, state: LayerState) -> torch.Tensor:
+    def _projector(self, hp: AlphaEditHparams, state: LayerState, device: torch.device) -> torch.Tensor:
+        """P on ``device`` (the solve's). Built there on first use (the O(d_k³) eigh) and stored beside
+        E[k kᵀ] (its storage device, e.g. the CPU), so an accelerator holds one layer's P at a time."""
+        assert state.mom2 is not None
         if "P" not in state.extra:
-            assert state.mom2 is not None
-            state.extra["P"] = null_space_projector(state.mom2, hp.nullspace_threshold)
-            if float(torch.trace(state.extra["P"])) < 0.5:
+            P = null_space_projector(state.mom2.to(device), hp.nullspace_threshold)  # (d_k, d_k)
+            if float(torch.trace(P)) < 0.5:
                 raise EditError(
                     f"AlphaEdit: no eigenvalue of layer {state.layer}'s E[k kᵀ] is below nullspace_threshold="
                     f"{hp.nullspace_threshold}: the null space is empty; raise the threshold"
                 )
-        return state.extra["P"]
+            state.extra["P"] = P.to(state.mom2.device)
+            return P
+        return state.extra["P"].to(device)
 
     def layer_delta(
         self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
     ) -> torch.Tensor:
         assert isinstance(hp, AlphaEditHparams)
-        P = self._projector(hp, state)  # (d_k, d_k)
+        P = self._projector(hp, state, K.device)  # (d_k, d_k)
         K, R = K.to(F64), R.to(F64)
-        d_k = K.shape[0]
         M = K @ K.T  # (d_k, d_k)
         if "Kp" in state.extra:
-            Kp = state.extra["Kp"]  # (d_k, n_prev)
+            Kp = state.extra["Kp"].to(K.device)  # (d_k, n_prev), stored beside E[k kᵀ]
             M = M + Kp @ Kp.T
-        A = M @ P + hp.L2 * torch.eye(d_k, dtype=F64, device=K.device)  # (d_k, d_k)
+        A = M @ P  # (d_k, d_k)
+        del M  # at most P, M and A (then P, A and the solve's copy of A) on the solve device
+        A.diagonal().add_(hp.L2)  # A = M P + α I, in place
         # Δ A = R Kᵀ P  ⇔  Aᵀ Δᵀ = P K Rᵀ  (P symmetric)
         delta_t = torch.linalg.solve(A.T, P @ K @ R.T)  # (d_k, d)
         return delta_t.T  # (d, d_k)
 
     def commit(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> None:
         prev = state.extra.get("Kp")
-        K = K.to(F64)
+        K = K.to(dtype=F64, device=prev.device if prev is not None else _storage(state, K))  # (d_k, B)
         state.extra["Kp"] = K if prev is None else torch.cat([prev, K], dim=1)  # (d_k, n_prev + B)
+
+
+def _storage(state: LayerState, K: torch.Tensor) -> torch.device:
+    """Where a layer's AlphaEdit memory is kept: beside its E[k kᵀ] (else beside K)."""
+    return state.mom2.device if state.mom2 is not None else K.device
 
 
 register_method(AlphaEdit())

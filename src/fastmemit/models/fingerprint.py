@@ -14,6 +14,8 @@ import json
 import torch
 from torch import nn
 
+from fastmemit.models.devices import check_resident
+
 _SAMPLE = 4096
 
 
@@ -30,6 +32,7 @@ def model_fingerprint(model: nn.Module, prefix_modules: tuple[str, ...] | None =
     ``prefix_modules`` restricts the weight sample to parameters whose names start with one of the
     prefixes (e.g. only the layers a statistic depends on); the config is always included.
     """
+    check_resident(model, what="the model fingerprint")  # offloaded weights cannot be sampled
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:

@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from torch import nn
 
 from fastmemit.errors import ConfigurationError, UnknownModelError
 from fastmemit.models.arch import get_arch
-from fastmemit.utils import atomic_path, cache_dir, logger, temp_dir
+from fastmemit.models.devices import check_resident
+from fastmemit.utils import atomic_path, cache_dir, logger, read_json, temp_dir
 
 _CONVERTED_MARK = "fastmemit-converted.ok"
 
@@ -132,6 +133,44 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return d
 
 
+DeviceMap = str | Mapping[str, "str | int | torch.device"]
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(spec: DeviceMap | os.PathLike[str]) -> str | dict[str, str | int]:
+    """A device map accelerate understands, from a strategy name, a dict or a JSON file's path.
+
+    Strategy names (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) are passed through.
+    A dict (or the JSON object in a file) maps module names (``model.layers.3``, ``lm_head``, ``""``
+    for the whole model) to a device: ``"cpu"``, ``"cuda:1"``, a GPU index ``1``, or ``"mps"``;
+    every device is checked to exist here, and ``"disk"`` (offload) is refused.
+    """
+    if isinstance(spec, str) and spec in DEVICE_MAP_STRATEGIES:
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"device map {str(spec)!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) "
+                                     "nor an existing JSON file")
+        spec = read_json(path, "device map file", ConfigurationError)
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigurationError(f"a device map is a non-empty {{module name: device}} object, got {type(spec).__name__}")
+    out: dict[str, str | int] = {}
+    for name, dev in spec.items():
+        if not isinstance(name, str):
+            raise ConfigurationError(f"device map keys are module names, got {name!r}")
+        if isinstance(dev, bool) or not isinstance(dev, (str, int, torch.device)):
+            raise ConfigurationError(f"device map entry {name!r}: a device name or GPU index, got {dev!r}")
+        if dev == "disk":
+            raise ConfigurationError(f"device map entry {name!r} is 'disk': offloaded weights cannot be edited in place")
+        if isinstance(dev, int):
+            resolve_device(f"cuda:{dev}")
+            out[name] = dev
+        else:
+            out[name] = str(resolve_device(dev))
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (False in HF offline mode), so that an
@@ -205,19 +244,32 @@ def _looks_like_hub_id(s: str) -> bool:
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
+    *,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[str | int, str | int] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path`` is a built-in alias (``smollm2-135m``, ``gemma3-270m``), a local folder or a
     Hugging Face id. The architecture is checked against the table before weights are read.
+
+    ``device_map`` spreads the model over several devices with accelerate instead of putting it on
+    ``device``: ``"auto"`` (or ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``), a
+    ``{module name: device}`` dict, or the path of a JSON file holding one (see
+    :func:`resolve_device_map`); ``max_memory`` caps each device (``{0: "20GiB", "cpu": "60GiB"}``).
+    ``device`` must then be None or ``"cpu"`` (the default). Weights that the map would offload
+    (``"disk"``, or ``"cpu"`` beside a GPU) are refused: fastmemit edits weights in place.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
-    dev = resolve_device(device)
+    dmap = resolve_device_map(device_map) if device_map is not None else None
+    if dmap is not None and device is not None and torch.device(device).type != "cpu":
+        raise ConfigurationError(f"give a device ({device}) or a device_map, not both")
+    dev = resolve_device(device if device is not None else "cpu")
     path = resolve_model_path(name_or_path)
     local = os.path.isdir(path)
     # offline, a hub id is looked up in the local hub cache only: an unknown name fails at once
@@ -232,15 +284,20 @@ def load_model(
             f"not a local folder, and not found as a hub id{where} ({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from e
     get_arch(config)  # unsupported families fail here, before any weight is read
+    placement: dict[str, Any] = {} if dmap is None else {"device_map": dmap, "max_memory": dict(max_memory or {}) or None}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **kw)
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise UnknownModelError(
             f"cannot read the weights or tokenizer of {name_or_path!r} ({path}): "
             f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} (a truncated or corrupt file?)"
         ) from e
-    model.to(dev)
+    if dmap is None:
+        model.to(dev)
+    else:
+        check_resident(model, what=f"loading {name_or_path!r} with device_map")
+        logger.info("device map of %s: %s", name_or_path, getattr(model, "hf_device_map", dmap))
     model.eval()
     prepare_tokenizer(tok)
     return model, tok

@@ -5,6 +5,13 @@ forward pass is stopped at that layer's key), every layer's key is hooked in the
 padding is dropped, Σ k kᵀ and the count accumulate in float64, and the stream stops at exactly
 the requested number of keys: ``ceil(dynamic_multiplier × d_k)`` (FastMEMIT) or an explicit count
 (classic MEMIT). Results are cached on disk (see :mod:`fastmemit.stats.cache`).
+
+Devices: input ids go to the input embedding's device; each layer's keys are read on the device of
+the module that produced them (device-mapped models spread layers over devices), and Σ k kᵀ
+accumulates there, or on ``stats_device`` when one is given (``"cpu"`` bounds accelerator memory to
+the model and one batch). Results live on ``stats_device``, or on the CPU by default.
+Under ``torch.distributed`` the batches are split by rank and the sums all-reduced
+(:mod:`fastmemit.stats.distributed`); the result equals one process's to float64 rounding.
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ from torch import nn
 from fastmemit.errors import CorpusError, StatisticsError
 from fastmemit.hooks import Trace
 from fastmemit.lm import pad_right
-from fastmemit.models.arch import check_layers, get_arch, key_dim
+from fastmemit.models.arch import check_layers, get_arch, get_module, key_dim
+from fastmemit.models.devices import execution_device, input_device
 from fastmemit.models.fingerprint import model_fingerprint
+from fastmemit.models.loading import resolve_device
+from fastmemit.stats import distributed as dist_stats
 from fastmemit.stats.cache import entry_lock, entry_path, load_entry, save_entry, stats_dir
 from fastmemit.stats.corpus import Corpus, corpus_from_spec, shuffled
+from fastmemit.stats.distributed import Shard
 from fastmemit.utils import logger, progress
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -166,12 +177,19 @@ def compute_layer_stats(
     cache_dir: str | Path | None = None,
     accumulate_dtype: str = "float64",
     show_progress: bool = True,
+    stats_device: str | torch.device | None = None,
+    distributed: bool | None = None,
 ) -> dict[int, LayerStats]:
     """E[k kᵀ] for the edited matrix of each layer in ``layers``, from one pass over ``corpus``.
 
     Exactly one of ``n_keys`` / ``dynamic_multiplier`` sets the count; ``n_keys=ALL_KEYS`` (-1)
     streams the whole corpus (its cache entry is keyed "all"). Layers found in the cache
     are loaded; the others are computed together in one truncated forward stream.
+
+    ``stats_device``: where Σ k kᵀ accumulates and the results live (default: each layer's own
+    device while accumulating, the CPU for the results). ``distributed``: split the pass over the
+    ranks of the initialized process group (None: whenever one with more than one rank is
+    initialized; every rank must call with the same arguments, see :mod:`fastmemit.stats.distributed`).
     """
     if accumulate_dtype not in _DTYPES:
         raise ValueError(f"accumulate_dtype must be one of {list(_DTYPES)}, got {accumulate_dtype!r}")
@@ -186,33 +204,95 @@ def compute_layer_stats(
     param = next(model.parameters())
     fp = model_fingerprint(model)
     root = stats_dir(cache_dir)
+    acc_device = None if stats_device is None else resolve_device(stats_device)
+    storage = acc_device if acc_device is not None else torch.device("cpu")
+    call = dict(layers=layers, corpus=corpus, n_keys=n_keys, dynamic_multiplier=dynamic_multiplier, batch_size=batch_size,
+                seq_len=seq_len, seed=seed, cache=cache, accumulate_dtype=accumulate_dtype,
+                stats_device="cpu" if storage.type == "cpu" and acc_device is not None else None)
+    shard = _shard_for(fp, call, distributed)
 
     keys = {layer: stats_key(fp, arch.site("mlp_down", layer), source.identity,
                              "all" if count == ALL_KEYS else count, seq_len, seed, param.dtype, acc_dtype)
             for layer in layers}
-    result = _cache_hits(root, keys) if cache else {}
+
+    def stream(todo: list[int]) -> dict[int, LayerStats]:
+        return _stream_stats(model, tok, todo, source, count, batch_size, seq_len, seed, acc_dtype, show_progress,
+                             acc_device=acc_device, storage=storage, shard=shard)
+
+    if shard is not None:
+        return _sharded(shard, layers, keys, root, cache, stream, d_k, storage)
+    result = _cache_hits(root, keys, storage) if cache else {}
     missing = [layer for layer in layers if layer not in result]
     if missing:
         with contextlib.ExitStack() as locks:
             if cache:  # another process computing the same entries: wait for it, then read them
                 for layer in missing:
                     locks.enter_context(entry_lock(entry_path(root, keys[layer])))
-                result.update(_cache_hits(root, {layer: keys[layer] for layer in missing}))
+                result.update(_cache_hits(root, {layer: keys[layer] for layer in missing}, storage))
                 missing = [layer for layer in layers if layer not in result]
             if missing:
-                computed = _stream_stats(model, tok, missing, source, count, batch_size, seq_len, seed, acc_dtype,
-                                         show_progress)
-                for layer, st in computed.items():
-                    st.key = keys[layer]
-                    if cache:
-                        st.path = entry_path(root, keys[layer])
-                        save_entry(st.path, {"sum_kk": st.sum_kk}, keys[layer], {"count": st.count})
-                    result[layer] = st
+                result.update(_keep(stream(missing), keys, root, cache, write=True))
     return {layer: result[layer] for layer in layers}
 
 
-def _cache_hits(root: Path, keys: dict[int, dict[str, Any]]) -> dict[int, LayerStats]:
-    """The layers whose statistics are in the disk cache, loaded."""
+def _shard_for(fp: str, call: dict[str, Any], distributed: bool | None) -> Shard | None:
+    """The shard to compute with: rank 0 leading serving ranks, or every rank calling (SPMD), or None."""
+    if distributed is False:
+        return None
+    led = dist_stats.announce(fp, call)  # rank 0 of `fastmemit edit/evaluate` under torchrun
+    if led is not None:
+        return led
+    return dist_stats.current_shard(required=distributed is True)
+
+
+def _keep(computed: dict[int, LayerStats], keys: dict[int, dict[str, Any]], root: Path, cache: bool,
+          *, write: bool) -> dict[int, LayerStats]:
+    """Computed statistics with their cache keys, written to the cache when ``cache`` and ``write``."""
+    for layer, st in computed.items():
+        st.key = keys[layer]
+        if cache:
+            st.path = entry_path(root, keys[layer])
+            if write:
+                save_entry(st.path, {"sum_kk": st.sum_kk}, keys[layer], {"count": st.count})
+    return computed
+
+
+def _sharded(shard: Shard, layers: list[int], keys: dict[int, dict[str, Any]], root: Path, cache: bool,
+             stream: Any, d_k: int, storage: torch.device) -> dict[int, LayerStats]:
+    """compute_layer_stats on every rank of ``shard``: rank 0 reads the cache and decides what is
+    computed, every rank computes its share of the missing layers (all-reduced), rank 0 writes the
+    cache while the others wait, and rank 0's cache hits are sent to the others (no shared disk needed)."""
+    same = shard.broadcast_object(keys) == keys
+    if not shard.all_true(same):
+        raise StatisticsError("the ranks disagree on the statistics to compute (model fingerprint, corpus, count or "
+                              "settings differ): every rank must load the same model and corpus")
+    with contextlib.ExitStack() as locks:
+        hits: dict[int, LayerStats] = {}
+        if shard.rank == 0 and cache:
+            hits = _cache_hits(root, keys, storage)
+            for layer in [x for x in layers if x not in hits]:
+                locks.enter_context(entry_lock(entry_path(root, keys[layer])))
+            hits.update(_cache_hits(root, {x: keys[x] for x in layers if x not in hits}, storage))
+        missing: list[int] = shard.broadcast_object([x for x in layers if x not in hits])
+        result = _keep(stream(missing), keys, root, cache, write=shard.rank == 0) if missing else {}
+        for layer in layers:
+            if layer not in missing:
+                result[layer] = _broadcast_hit(shard, hits.get(layer), layer, keys[layer], d_k, storage)
+        shard.barrier()  # the cache entries are on disk before any rank goes on
+    return {layer: result[layer] for layer in layers}
+
+
+def _broadcast_hit(shard: Shard, hit: LayerStats | None, layer: int, key: dict[str, Any], d_k: int,
+                   storage: torch.device) -> LayerStats:
+    """Rank 0's cache hit on every rank."""
+    count, path = shard.broadcast_object((hit.count, hit.path) if hit is not None else None)
+    s = hit.sum_kk if hit is not None else torch.zeros(d_k, d_k, dtype=torch.float64, device=storage)  # (d_k, d_k)
+    shard.broadcast_(s)
+    return LayerStats(layer, key["site"], s, count, hit.seconds if hit is not None else 0.0, True, path, key)
+
+
+def _cache_hits(root: Path, keys: dict[int, dict[str, Any]], storage: torch.device) -> dict[int, LayerStats]:
+    """The layers whose statistics are in the disk cache, loaded onto ``storage``."""
     hits = {}
     for layer, key in keys.items():
         t0 = time.perf_counter()
@@ -220,7 +300,7 @@ def _cache_hits(root: Path, keys: dict[int, dict[str, Any]]) -> dict[int, LayerS
         hit = load_entry(path, key)
         if hit is not None:
             tensors, extra = hit
-            hits[layer] = LayerStats(layer, key["site"], tensors["sum_kk"], int(extra["count"]),
+            hits[layer] = LayerStats(layer, key["site"], tensors["sum_kk"].to(storage), int(extra["count"]),
                                      time.perf_counter() - t0, True, path, key)
     return hits
 
@@ -242,9 +322,11 @@ def _add_upper_kTk(acc: torch.Tensor, k: torch.Tensor, edges: list[int]) -> None
         acc[a0:a1, a0:].addmm_(k[:, a0:a1].T, k[:, a0:])  # (w, d_k - a0) += (w, n) @ (n, d_k - a0)
 
 
-def _mirror_upper(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``acc``'s (d_k, d_k)."""
-    return torch.triu(acc) + torch.triu(acc, 1).T
+def _mirror_upper_(acc: torch.Tensor) -> torch.Tensor:
+    """Make ``acc`` (d_k, d_k) the symmetric matrix whose upper triangle it holds, in place (one
+    (d_k, d_k) temporary); the same values as ``triu(acc) + triu(acc, 1).T``."""
+    acc.triu_()
+    return acc.add_(acc.triu(1).T)
 
 
 @torch.no_grad()
@@ -259,35 +341,52 @@ def _stream_stats(
     seed: int | None,
     acc_dtype: torch.dtype,
     show_progress: bool,
+    *,
+    acc_device: torch.device | None = None,
+    storage: torch.device | None = None,
+    shard: Shard | None = None,
 ) -> dict[int, LayerStats]:
+    """One pass over the corpus for ``layers``: Σ k kᵀ of exactly ``count`` keys each, on ``storage`` (CPU).
+
+    ``acc_device``: where the sums accumulate (None: each layer's key device). ``shard``: run only
+    this rank's batches and all-reduce (every rank still reads every batch, to count keys)."""
     arch = get_arch(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     names = [arch.site("mlp_down", layer) for layer in layers]  # ascending: the last is the deepest
     d_k = key_dim(model, layers[0])
-    sums = {layer: torch.zeros(d_k, d_k, dtype=acc_dtype, device=device) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}  # layer -> (d_k, d_k) upper block triangle, allocated at its first keys
     edges = _block_edges(d_k)
-    seen = 0
-    tokens_run = 0
+    seen = tokens_run = took = checksum = 0
     t0 = time.perf_counter()
     read_all = count == ALL_KEYS
     if read_all:
         count = sys.maxsize
     docs = shuffled(iter(source), seed)
     batches = padded_batches(token_chunks(tok, docs, seq_len), batch_size, tok.pad_token_id)
-    bar = progress(total=None if read_all else count, desc=f"stats layers {layers}", unit="key", disable=None if show_progress else True)
+    quiet = not show_progress or (shard is not None and shard.rank != 0)
+    bar = progress(total=None if read_all else count, desc=f"stats layers {layers}", unit="key", disable=True if quiet else None)
     was_training = model.training
     model.eval()
     try:
-        for ids, mask in batches:
+        for i, (ids, mask) in enumerate(batches):
             need = count - seen
-            with Trace(model, names, retain_input=True, retain_output=False, stop=True) as tr:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            keep = mask.to(device).reshape(-1).bool()  # (B*T,)
-            tokens_run += int(keep.sum())
-            for layer, name in zip(layers, names):
-                k = tr.inputs[name].reshape(-1, d_k)[keep][:need].to(acc_dtype)  # (n, d_k)
-                _add_upper_kTk(sums[layer], k, edges)  # Σ k kᵀ += Kᵀ K, upper block triangle
-            got = min(need, int(keep.sum()))
+            got = min(need, int(mask.sum()))  # keys this batch gives: its first `need` real tokens
+            if shard is None or shard.owns(i):
+                with Trace(model, names, retain_input=True, retain_output=False, stop=True) as tr:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                tokens_run += int(mask.sum())
+                for layer, name in zip(layers, names):
+                    keys = tr.inputs[name]  # (B, T, d_k) on the device of this layer's module
+                    keep = mask.to(keys.device).reshape(-1).bool()  # (B*T,)
+                    acc = sums.get(layer)
+                    if acc is None:
+                        acc = sums[layer] = torch.zeros(d_k, d_k, dtype=acc_dtype,
+                                                            device=acc_device if acc_device is not None else keys.device)
+                    k = keys.reshape(-1, d_k)[keep][:need].to(device=acc.device, dtype=acc_dtype)  # (n, d_k)
+                    _add_upper_kTk(acc, k, edges)  # Σ k kᵀ += Kᵀ K, upper block triangle
+                took += got
+            if shard is not None:
+                checksum = dist_stats.stream_checksum(checksum, ids, mask)
             seen += got
             bar.update(got)
             if seen >= count:
@@ -295,6 +394,9 @@ def _stream_stats(
     finally:
         bar.close()
         model.train(was_training)
+    if shard is not None:
+        tokens_run = _reduce_share(model, shard, sums, layers, names, d_k, acc_dtype, acc_device, seen, took,
+                                   checksum, tokens_run)
     if seen == 0:
         raise CorpusError(f"corpus {source.identity!r} yielded no tokens")
     if seen < count and not read_all:
@@ -306,8 +408,29 @@ def _stream_stats(
     logger.info("stats for layers %s: %d keys in %.1fs (%.0f tokens/s)", layers, seen, seconds, tokens_run / max(seconds, 1e-9))
     out = {}
     for layer, name in zip(layers, names):
-        s = _mirror_upper(sums[layer]).to(device="cpu", dtype=torch.float64)  # (d_k, d_k), exactly symmetric
+        acc = sums.pop(layer)  # freed layer by layer: one accumulator fewer before the next is finished
+        s = _mirror_upper_(acc).to(device=storage or torch.device("cpu"), dtype=torch.float64)  # (d_k, d_k), symmetric
+        del acc
         if not torch.isfinite(s).all():
             raise StatisticsError(f"statistics of {name} contain NaN or inf: the model produced non-finite keys")
         out[layer] = LayerStats(layer, name, s, seen, seconds, False)
     return out
+
+
+def _reduce_share(model: nn.Module, shard: Shard, sums: dict[int, torch.Tensor], layers: list[int], names: list[str],
+                  d_k: int, acc_dtype: torch.dtype, acc_device: torch.device | None, seen: int, took: int,
+                  checksum: int, tokens_run: int) -> int:
+    """All-reduce this rank's share: check that every rank read the same stream and that the shares add up
+    to ``seen``, then Σ k kᵀ in place (float64 on every rank). Returns the tokens run by all ranks."""
+    if not shard.agree([seen, checksum]):
+        raise CorpusError("the ranks read different token streams (corpus, tokenizer, seq_len or seed differ): "
+                          "every rank must read the same corpus")
+    shares = shard.all_reduce_(torch.tensor([took, tokens_run], dtype=torch.int64, device=shard.comm_device))
+    if int(shares[0]) != seen:
+        raise StatisticsError(f"the ranks summed {int(shares[0])} keys between them, not {seen}")
+    for layer, name in zip(layers, names):
+        if layer not in sums:  # no batch of this rank: its share is zero
+            dev = acc_device if acc_device is not None else execution_device(get_module(model, name))
+            sums[layer] = torch.zeros(d_k, d_k, dtype=acc_dtype, device=dev)
+        shard.all_reduce_(sums[layer])
+    return int(shares[1])

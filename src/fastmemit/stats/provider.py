@@ -23,6 +23,7 @@ from torch import nn
 from fastmemit.errors import StatisticsError
 from fastmemit.linalg import FactoredCov
 from fastmemit.models.arch import key_dim
+from fastmemit.models.loading import resolve_device
 from fastmemit.stats.cache import entry_path, load_entry, save_entry, stats_dir
 from fastmemit.stats.corpus import Corpus
 from fastmemit.stats.engine import LayerStats, compute_layer_stats
@@ -38,15 +39,16 @@ class PreservedMatrix:
     weight: float  # λ (mom2_update_weight); 1.0 where a method's formula is invariant to it (ROME)
     eps: float = 0.0  # ε (update_norm_lambda), FastMEMIT's ridge for statistics from few keys
 
-    def build(self, mom2: torch.Tensor | None, d_k: int) -> torch.Tensor:
-        """C from E[k kᵀ] (d_k, d_k) float64, or from nothing when ``from_stats`` is false (on the CPU)."""
+    def build(self, mom2: torch.Tensor | None, d_k: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """C from E[k kᵀ] (d_k, d_k) float64 (on its device), or from nothing when ``from_stats`` is
+        false (on ``device``, the CPU by default: where the statistics would live)."""
         if self.from_stats:
             if mom2 is None:
                 raise StatisticsError("this preserved matrix needs E[k kᵀ] but no statistics were given")
             eye = torch.eye(mom2.shape[0], dtype=F64, device=mom2.device)  # (d_k, d_k)
             C = self.weight * mom2.to(F64)  # (d_k, d_k)
         else:
-            eye = torch.eye(d_k, dtype=F64)  # (d_k, d_k) on the CPU, where statistics and solves live
+            eye = torch.eye(d_k, dtype=F64, device=device)  # (d_k, d_k)
             C = self.weight * eye
         return C + self.eps * eye if self.eps else C
 
@@ -71,6 +73,11 @@ class PreservedStats:
     ``n_keys`` (an explicit count, ``ALL_KEYS`` for the whole corpus) or ``dynamic_multiplier``
     (FastMEMIT: that many times d_k keys) sets the count, as in :func:`compute_layer_stats`.
     ``seconds`` accumulates the time spent in statistics and factors.
+
+    Devices: ``stats_device`` is where the statistics accumulate and where they and the factors are
+    kept (:attr:`storage_device`; None: accumulated on each layer's own device, kept on the CPU);
+    ``compute_device`` is where a factor is computed before it is stored (default: the storage
+    device), e.g. a GPU for the O(d_k³) Cholesky of statistics kept on the CPU.
     """
 
     def __init__(
@@ -87,12 +94,27 @@ class PreservedStats:
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
         show_progress: bool = True,
+        stats_device: str | torch.device | None = None,
+        compute_device: str | torch.device | None = None,
     ) -> None:
         self.model, self.tok, self.corpus = model, tok, corpus
         self.count = {"n_keys": n_keys} if dynamic_multiplier is None else {"dynamic_multiplier": dynamic_multiplier}
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.cache_dir, self.use_cache, self.show_progress = cache_dir, use_cache, show_progress
+        self.stats_device = None if stats_device is None else resolve_device(stats_device)
+        self.storage_device = self.stats_device if self.stats_device is not None else torch.device("cpu")
+        self.compute_device = self.storage_device if compute_device is None else resolve_device(compute_device)
         self.seconds = 0.0
+
+    @classmethod
+    def from_hparams(cls, model: nn.Module, tok: Any, hp: Any, *, corpus: str | Path | Corpus | None = None,
+                     seed: int | None = 0, **kwargs: Any) -> PreservedStats:
+        """The provider an Editor with hparams ``hp`` uses: its count (``dynamic_multiplier`` × d_k when
+        ``hp.dynamic``, else ``mom2_n_samples``), corpus (``hp.stats_corpus`` unless ``corpus``), batch size
+        and sequence length; ``kwargs``: the other constructor arguments."""
+        count = {"dynamic_multiplier": hp.dynamic_multiplier} if hp.dynamic else {"n_keys": hp.mom2_n_samples}
+        return cls(model, tok, corpus=corpus if corpus is not None else hp.stats_corpus, batch_size=hp.stats_batch_size,
+                   seq_len=hp.stats_seq_len, seed=seed, **count, **kwargs)
 
     def layers(
         self, layers: Sequence[int], *, mom2: bool, matrix: PreservedMatrix | None, recompute: bool = False
@@ -108,8 +130,10 @@ class PreservedStats:
         out = {}
         for layer in layers:
             st = stats.get(layer)
-            factor = None if matrix is None else self._factor(matrix, st, layer, cached=self.use_cache and not recompute)
-            out[layer] = LayerPreserved(layer, st.mom2 if st is not None else None, factor, st)
+            mom2 = st.mom2 if st is not None else None  # (d_k, d_k) float64 on the storage device, computed once
+            factor = None if matrix is None else self._factor(matrix, st, mom2, layer,
+                                                             cached=self.use_cache and not recompute)
+            out[layer] = LayerPreserved(layer, mom2, factor, st)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -117,28 +141,37 @@ class PreservedStats:
         """E[k kᵀ] of every layer in one pass (or from the disk cache), refused when not finite."""
         stats = compute_layer_stats(
             self.model, self.tok, list(layers), self.corpus, batch_size=self.batch_size, seq_len=self.seq_len,
-            seed=self.seed, cache=cache, cache_dir=self.cache_dir, show_progress=self.show_progress, **self.count,
+            seed=self.seed, cache=cache, cache_dir=self.cache_dir, show_progress=self.show_progress,
+            stats_device=self.stats_device, **self.count,
         )
         bad = [layer for layer, st in stats.items() if not torch.isfinite(st.sum_kk).all()]
         if bad:  # checked for every method: AlphaEdit's eigh reads one triangle and would miss a NaN
             raise StatisticsError(f"layer {', '.join(map(str, bad))} statistics contain NaN or inf")
         return stats
 
-    def _factor(self, matrix: PreservedMatrix, st: LayerStats | None, layer: int, *, cached: bool) -> FactoredCov:
+    def _factor(self, matrix: PreservedMatrix, st: LayerStats | None, mom2: torch.Tensor | None, layer: int, *,
+                cached: bool) -> FactoredCov:
         """Cholesky factor of C, from the disk cache when the statistics came from it (or were saved to it).
 
         Only C built from cached statistics is cached: its key is the statistics' key plus the
         matrix's. C without statistics is never cached (nothing in its key would name the model).
         """
         name = f"layer {layer} statistics"
-        C = matrix.build(st.mom2 if st is not None else None, key_dim(self.model, layer))  # (d_k, d_k) float64
+        C = matrix.build(mom2, key_dim(self.model, layer), self.storage_device)  # (d_k, d_k) float64
         if not (cached and matrix.from_stats and st is not None and st.key):
-            return FactoredCov(C, name=name)
+            return self._factored(C, name)
         key = {**st.key, "factor": matrix.cache_key()}
         path = entry_path(stats_dir(self.cache_dir), key, kind="chol")
         hit = load_entry(path, key)
         if hit is not None:
             return FactoredCov(C, name=name, factor=hit[0]["L"])
-        F = FactoredCov(C, name=name)
+        F = self._factored(C, name)
         save_entry(path, {"L": F.L}, key)
         return F
+
+    def _factored(self, C: torch.Tensor, name: str) -> FactoredCov:
+        """The factor of C (d_k, d_k), computed on the compute device and kept beside C on the storage device."""
+        if self.compute_device == C.device:
+            return FactoredCov(C, name=name)
+        L = FactoredCov(C.to(self.compute_device), name=name).L  # (d_k, d_k) lower, on the compute device
+        return FactoredCov(C, name=name, factor=L)  # L moved to C's device
