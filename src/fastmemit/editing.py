@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastmemit.diagnostics import BatchDiagnostics, KeyFactors
 from fastmemit.errors import ConfigurationError, DeltaMismatchError, EditError
 from fastmemit.hparams_registry import builtin_hparams
 from fastmemit.keys_values import (
@@ -174,6 +175,7 @@ class _Batch:
     originals: dict[str, torch.Tensor] = field(init=False)  # param name -> weight before the call
     totals: dict[int, torch.Tensor] = field(init=False)  # layer -> Σ Δ, float64, stored orientation
     info: dict[str, Any] = field(default_factory=lambda: {"v_nll": [], "v_steps": []})
+    diag: BatchDiagnostics | None = None  # Editor(diagnostics=True): fed at every solve
 
     def __post_init__(self) -> None:
         self.originals = {name: p.detach().clone() for name, p in self.params.values()}
@@ -200,6 +202,9 @@ class Editor:
     when the method does not read them), z* from ``optimize_targets`` (through ``target_cache``,
     a :class:`TargetCache` or a plain dict used as its storage), Δ from the method. The weights
     of the edited layers when the Editor is created are kept as each :class:`LayerState`'s ``w0``.
+    ``diagnostics``: every :class:`EditResult` gets ``info["diagnostics"]``, one row per edited layer
+    (weight distances, objective terms, max kᵀC⁻¹k: :mod:`fastmemit.diagnostics`), and
+    ``timings["diagnostics"]``.
     """
 
     def __init__(
@@ -215,6 +220,7 @@ class Editor:
         show_progress: bool = True,
         use_cache: bool = True,
         target_cache: TargetCache | dict[Any, TargetValue] | None = None,
+        diagnostics: bool = False,
     ) -> None:
         self.model, self.tok = model, tok
         self.method: EditMethod = get_method(method)
@@ -235,6 +241,8 @@ class Editor:
         self.w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone()
                    for layer, (_, p) in _weight_params(model, hp.layers).items()}
         self.target_cache = TargetCache(target_cache) if isinstance(target_cache, dict) else target_cache
+        self.diagnostics = diagnostics
+        self._key_factors = KeyFactors(lambda mom2: self.method.preserved_matrix(self.hp, mom2))
 
     def _check_layers(self) -> None:
         try:
@@ -307,11 +315,17 @@ class Editor:
         fingerprint = model_fingerprint(self.model)
         t_stats = self.stats.seconds
         self.prepare_stats(force=self.hp.recompute_stats and bool(self.states) and self.method.needs_mom2(self.hp))
-        batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0})
+        batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0},
+                       diag=BatchDiagnostics(self._key_factors) if self.diagnostics else None)
         memory = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
         try:
             for group, group_rows in self._groups(reqs, rows, len(templates)):
                 self._edit_group(group, group_rows, templates, batch)
+            if batch.diag is not None:
+                batch.info["diagnostics"] = batch.diag.finish(
+                    {layer: (batch.originals[name], p.detach()) for layer, (name, p) in params.items()},
+                    self.states, self.arch.fan_in_fan_out)
+                batch.timings["diagnostics"] = batch.diag.seconds
         except BaseException:
             write_weights(self.model, batch.originals)
             for layer, extra in memory.items():  # e.g. AlphaEdit's keys of a batch that was never applied
@@ -336,7 +350,7 @@ class Editor:
         batch.timings["v"] += t.seconds
         batch.info["v_nll"] += t.nll
         batch.info["v_steps"] += t.steps
-        t0 = time.perf_counter()
+        t0, diag_s = time.perf_counter(), batch.diag.seconds if batch.diag is not None else 0.0
         for i, layer in enumerate(layers):
             K, H = keys_and_outputs(self.model, rows, len(reqs), len(templates), layer, last)  # (d_k, B), (B, d)
             R = (t.z.to(H.device) - H).T / (len(layers) - i)  # (d, B): this layer's share of the residual
@@ -346,9 +360,12 @@ class Editor:
             delta = self.method.layer_delta(self.hp, state, K, R, W)  # (d, d_k) float64, math orientation
             if not torch.isfinite(delta).all():
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
+            if batch.diag is not None:
+                batch.diag.observe(state, K, R, W, delta, t.z)
             batch.add(self.model, layer, delta, self.arch.fan_in_fan_out)
             self.method.commit(self.hp, state, K)
-        batch.timings["solve"] += time.perf_counter() - t0
+        diag_s = batch.diag.seconds - diag_s if batch.diag is not None else 0.0
+        batch.timings["solve"] += time.perf_counter() - t0 - diag_s
 
     def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> TargetResult:
         """z* (B, d) of the requests: from ``target_cache`` where possible, the rest optimized together."""
