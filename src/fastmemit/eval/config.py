@@ -103,7 +103,8 @@ class RunConfig:
     downstream_data_dir: str | None = _f(None, "folder of <task>.jsonl (None: the downstream default)")
     dtype: str = _f("float32", "model dtype when the runner loads the model")
     retention_eval_steps: int | None = _f(None, "sequential: every K batches, score ES/PS/NS of every case edited so "
-                                                "far on the model as it is then (retention.jsonl); None: off")
+                                                "far on the model as it is then (retention.jsonl; not after the last "
+                                                "batch when the final scoring runs); None: off")
     stop_on_collapse: bool = _f(False, "sequential: stop when a collapse rule fires (docs/lifelong.md): the model goes "
                                        "back to the last healthy checkpoint and the summary says why")
     collapse_downstream_drop: float | None = _f(0.1, "collapse rule: mean downstream accuracy this much (0-1) below "

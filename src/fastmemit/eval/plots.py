@@ -409,6 +409,8 @@ def plot_lifelong(run_dirs: Sequence[str | os.PathLike[str]], out_png: str | os.
         ax.grid(alpha=0.3)
         if name in CF_METRICS:
             ax.set_ylim(-2, 102)
+        elif name in tasks or name == "invalid":
+            ax.set_ylim(-0.02, 1.02)
     handles: dict[str, Any] = {}
     for ax in flat.values():
         for h, lab in zip(*ax.get_legend_handles_labels()):

@@ -357,12 +357,14 @@ class _Downstream:
 
 class _Retention:
     """Retention checks: after every ``retention_eval_steps`` batches, every case edited so far scored on
-    the model as it is then (no generation tests); one ``retention.jsonl`` line a check."""
+    the model as it is then (no generation tests); one ``retention.jsonl`` line a check. None after the
+    last batch when the final scoring runs (it scores the same cases on the same model)."""
 
     def __init__(self, s: _Setup, scorer: _Scorer, log: GroupLog, summary: RunSummary) -> None:
         self.s, self.scorer, self.log, self.summary = s, scorer, log, summary
-        K = s.cfg.retention_eval_steps or 1
-        self.points = [b for b in range(1, len(s.batches) + 1) if b % K == 0]  # batches_done values
+        K, n = s.cfg.retention_eval_steps or 1, len(s.batches)
+        # batches_done values; the last batch's check would repeat the final scoring (all cases, same model)
+        self.points = [b for b in range(1, n + 1) if b % K == 0 and not (b == n and s.cfg.do_final_eval)]
 
     def resume(self, start: int) -> None:
         """Keep the checks made up to ``start`` batches (drop later ones)."""
