@@ -273,7 +273,9 @@ def run_one(c: Config, args: argparse.Namespace, data: Path) -> bool:
         if event == "batch_written" and (batch + 1) % args.print_every == 0:
             print(f"[{c.name}] batch {batch + 1} written ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    res = run_evaluation(cfg, out, model=model, tok=tok, on_event=on_event, command=cmd)
+    # the pre-edit scores are the same in every configuration (same cases, same unedited model): reuse
+    siblings = [d for d in Path(args.out).iterdir() if d.is_dir() and d != out and (d / "pre.jsonl").is_file()]
+    res = run_evaluation(cfg, out, model=model, tok=tok, on_event=on_event, command=cmd, reuse_pre_from=siblings)
     st = res.summary.get("stopped")
     print(f"[{c.name}] {'stopped: ' + st['reason'] if st else 'done'} in {time.perf_counter() - t0:.0f} s", flush=True)
     return True

@@ -168,6 +168,26 @@ def test_retention_and_diagnostics_logs_resume_to_the_same_lines(stop, files, to
                [{k: v for k, v in x.items() if k not in strip} for x in b], name
 
 
+def test_pre_scores_are_reused_only_from_runs_on_the_same_model_and_cases(files, tokenizer, work, reference):
+    ref_pre = lines(reference.run_dir / "pre.jsonl")
+    out = work / "reuse"
+    res = run_evaluation(config(files, method="MEMIT"), out, model=tiny_llm("llama", len(tokenizer)), tok=tokenizer,
+                         reuse_pre_from=[reference.run_dir, work / "no-such-run"])
+    got = lines(out / "pre.jsonl")
+    assert [x["pre"] for x in got] == [x["pre"] for x in ref_pre] and all(x["seconds_chunk"] == 0 for x in got)
+    assert res.summary["pre"] == reference.summary["pre"]
+    # another unedited model (another seed): its own scores
+    other = run_evaluation(config(files, method="MEMIT"), work / "reuse-other", model=tiny_llm("llama", len(tokenizer), seed=1),
+                           tok=tokenizer, reuse_pre_from=[reference.run_dir])
+    assert all(x["seconds_chunk"] > 0 for x in lines(other.run_dir / "pre.jsonl"))
+    # more cases than the other run: its chunks where they match, the rest scored
+    more = run_evaluation(config(files, dataset_size_limit=10, eval_chunk=4), work / "reuse-more",
+                          model=tiny_llm("llama", len(tokenizer)), tok=tokenizer, reuse_pre_from=[reference.run_dir])
+    pre = lines(more.run_dir / "pre.jsonl")
+    assert [x["seconds_chunk"] == 0 for x in pre] == [True] * 4 + [False] * 6  # chunk 1 of 7 cases is shorter
+    assert [x["pre"] for x in pre[:4]] == [x["pre"] for x in ref_pre[:4]]
+
+
 # ----------------------------------------------------------------------------- stop on collapse
 
 

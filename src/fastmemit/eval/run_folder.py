@@ -88,6 +88,18 @@ class GroupLog:
                 f.flush()
                 os.fsync(f.fileno())
 
+    def read_groups(self) -> dict[int, list[dict[str, Any]]]:
+        """{group: its lines} of the complete lines, in file order; the file is not changed (another
+        run's log, read only)."""
+        if not self.path.is_file():
+            return {}
+        out: dict[int, list[dict[str, Any]]] = {}
+        for _, rec in self._lines(self.path.read_bytes()):
+            g = rec.get(self.group_key)
+            if isinstance(g, int):
+                out.setdefault(g, []).append(rec)
+        return out
+
     def load_before(self, limit: int) -> list[dict[str, Any]]:
         """The lines whose group number is below ``limit``, the longest such prefix, in order; the rest is
         dropped. For a log that may lack groups (one line a group, written by a version that made it)."""

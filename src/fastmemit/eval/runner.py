@@ -51,7 +51,7 @@ from fastmemit.downstream import TaskFlags, evaluate_tasks, parse_task_flags, re
 from fastmemit.editing import Editor, resolve_hparams, write_weights
 from fastmemit.errors import EditError, FastMemitError, RunError
 from fastmemit.eval.collapse import CollapseMonitor, CollapseRules
-from fastmemit.eval.config import DATASETS, RunConfig, stored_config
+from fastmemit.eval.config import DATASETS, RunConfig, renamed, stored_config
 from fastmemit.eval.datasets import (
     CounterFactCase,
     DatasetError,
@@ -301,8 +301,10 @@ class _Scorer:
                                           generation=any(c.generation_prompts for c in cases),
                                           snippets=s.snippets, tfidf=s.tfidf)
 
-    def chunks(self, log: GroupLog, key: str, desc: str) -> dict[int, dict[str, Any]]:
-        """Score every chunk of cases not already in ``log``; {case index: line}."""
+    def chunks(self, log: GroupLog, key: str, desc: str,
+               reuse: Mapping[int, Sequence[Mapping[str, Any]]] | None = None) -> dict[int, dict[str, Any]]:
+        """Score every chunk of cases not already in ``log``; {case index: line}. ``reuse``: lines of
+        chunks scored already elsewhere on the same model ({chunk: lines}), taken when their case ids match."""
         s = self.s
         done = log.load([(g, [s.cases[i].case_id for i in ch]) for g, ch in enumerate(s.chunks)])
         out = {i: rec for g, lines in enumerate(done) for i, rec in zip(s.chunks[g], lines)}
@@ -312,10 +314,15 @@ class _Scorer:
         bar = progress(total=len(todo), desc=desc, unit="chunk", disable=None if s.cfg.show_progress else True)
         try:
             for g in todo:
-                t0 = time.perf_counter()
-                recs = self(s.chunks[g])
-                seconds = time.perf_counter() - t0
-                lines = [{"chunk": g, "case_id": r["case_id"], "seconds_chunk": seconds, key: r} for r in recs]
+                ids = [s.cases[i].case_id for i in s.chunks[g]]
+                other = (reuse or {}).get(g)
+                if other is not None and [x["case_id"] for x in other] == ids:
+                    lines = [{**x, "seconds_chunk": 0.0} for x in other]  # no time spent here
+                else:
+                    t0 = time.perf_counter()
+                    recs = self(s.chunks[g])
+                    seconds = time.perf_counter() - t0
+                    lines = [{"chunk": g, "case_id": r["case_id"], "seconds_chunk": seconds, key: r} for r in recs]
                 log.append(lines)
                 out.update(zip(s.chunks[g], lines))
                 bar.update(1)
@@ -415,6 +422,7 @@ def run_evaluation(
     on_event: Event | None = None,
     command: Sequence[str] | None = None,
     continue_run: bool = False,
+    reuse_pre_from: Sequence[str | os.PathLike[str]] = (),
 ) -> RunResult:
     """Run (or resume) the evaluation ``cfg`` in ``out_dir``; returns the summary.
 
@@ -425,6 +433,9 @@ def run_evaluation(
     model. ``on_event(name, batch)`` is called at "batch_written" and "checkpoint_written" (tests use
     it to interrupt a run at a chosen point). ``continue_run``: ``out_dir`` must hold a run, whose
     stored hparams are used as they are (not resolved again: a built-in file may have changed since).
+    ``reuse_pre_from``: other run folders whose pre-edit scores may be copied instead of scored again,
+    chunk by chunk, when they scored the same cases of the same data file on the same unedited model
+    (fingerprint) with the same scoring settings (:func:`reusable_pre`).
     """
     t_start = time.perf_counter()
     folder = RunFolder(Path(out_dir))
@@ -432,15 +443,41 @@ def run_evaluation(
     config_json = setup.config_json(folder.path, command)
     with folder.lock():
         resumed = folder.open(config_json)
-        run = _Run(setup, folder, config_json, target_cache, on_event or (lambda name, batch: None), t_start)
+        reuse = reusable_pre(config_json, [Path(d) for d in reuse_pre_from if Path(d).resolve() != folder.path.resolve()])
+        run = _Run(setup, folder, config_json, target_cache, on_event or (lambda name, batch: None), t_start, reuse)
         return run.run(resumed)
+
+
+_SCORING_FIELDS = ("dataset", "data", "eval_batch_size", "eval_chunk", "skip_generation_tests",
+                   "generation_test_interval", "consistency_dir")
+
+
+def reusable_pre(config_json: Mapping[str, Any], folders: Sequence[Path]) -> dict[int, list[dict[str, Any]]]:
+    """{chunk: pre.jsonl lines} of the first of ``folders`` that holds each chunk and whose run scored on
+    the same unedited model (``base_fingerprint``) with the same data file and scoring settings
+    (:data:`_SCORING_FIELDS`) as ``config_json``. The folders are only read."""
+    mine = renamed(config_json["run"])
+    out: dict[int, list[dict[str, Any]]] = {}
+    for d in folders:
+        try:
+            other = RunFolder(d).stored_config()
+        except RunError:
+            continue
+        theirs = renamed(other.get("run", {}))
+        if other.get("base_fingerprint") != config_json["base_fingerprint"] or any(
+                theirs.get(k) != mine.get(k) for k in _SCORING_FIELDS):
+            continue
+        for g, lines in RunFolder(d).pre_log.read_groups().items():
+            out.setdefault(g, lines)
+    return out
 
 
 class _Run:
     """One run in its (locked, opened) folder: pre scores, edits, final scores, summary."""
 
     def __init__(self, s: _Setup, folder: RunFolder, config_json: Mapping[str, Any],
-                 target_cache: dict[Any, Any] | None, on_event: Event, t_start: float) -> None:
+                 target_cache: dict[Any, Any] | None, on_event: Event, t_start: float,
+                 reuse_pre: dict[int, list[dict[str, Any]]] | None = None) -> None:
         self.s, self.cfg, self.folder, self.on_event = s, s.cfg, folder, on_event
         self.target_cache = target_cache
         header = {"run_dir": str(folder.path), "method": s.method.name, "model": s.cfg.model,
@@ -455,6 +492,7 @@ class _Run:
         self.monitor = CollapseMonitor(CollapseRules.from_settings(s.cfg), self.downstream.points if self.downstream
                                        else ()) if s.cfg.stop_on_collapse else None
         self.stopped: dict[str, Any] | None = None  # the record of a stop on collapse
+        self.reuse_pre = reuse_pre or {}  # pre.jsonl chunks of other runs (reusable_pre)
         self.pre: dict[int, dict[str, Any]] = {}
         self.final: dict[int, dict[str, Any]] = {}
         # W₀ of the edited matrices: checkpoints hold W − W₀; an interrupted sequential run goes back to it
@@ -462,7 +500,7 @@ class _Run:
 
     def run(self, resumed: bool) -> RunResult:
         cfg, s, n_batches = self.cfg, self.s, len(self.s.batches)
-        self.pre = self.scorer.chunks(self.folder.pre_log, "pre", "pre-edit scoring")
+        self.pre = self.scorer.chunks(self.folder.pre_log, "pre", "pre-edit scoring", self.reuse_pre)
         self.summary.set_chunk_times(self.pre.values())
         stopped = self.folder.stopped()
         start = self._resume_point(resumed, stopped is not None)
