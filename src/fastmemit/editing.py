@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastmemit.diagnostics import BatchDiagnostics, KeyFactors
 from fastmemit.errors import ConfigurationError, DeltaMismatchError, EditError
 from fastmemit.hparams_registry import builtin_hparams, load_hparams
 from fastmemit.keys_values import (
@@ -198,6 +199,7 @@ class _Batch:
     originals: dict[str, torch.Tensor] = field(init=False)  # param name -> weight before the call
     totals: dict[int, torch.Tensor] = field(init=False)  # layer -> Σ Δ, float64, stored orientation
     info: dict[str, Any] = field(default_factory=lambda: {"v_nll": [], "v_steps": []})
+    diag: BatchDiagnostics | None = None  # Editor(diagnostics=True): fed at every solve
 
     def __post_init__(self) -> None:
         self.originals = {name: p.detach().clone() for name, p in self.params.values()}
@@ -230,6 +232,10 @@ class Editor:
     the factors and the method's memory are kept (default: accumulated on each layer's device, kept
     on the CPU); ``solve_device`` is where each layer's factorization and solve run (default: the
     statistics' device), one layer's matrices at a time. Δ is written on the weight's own device.
+
+    ``diagnostics``: every :class:`EditResult` gets ``info["diagnostics"]``, one row per edited layer
+    (weight distances, objective terms, max kᵀC⁻¹k: :mod:`fastmemit.diagnostics`), and
+    ``timings["diagnostics"]``.
     """
 
     def __init__(
@@ -247,6 +253,7 @@ class Editor:
         target_cache: TargetCache | dict[Any, TargetValue] | None = None,
         stats_device: str | torch.device | None = None,
         solve_device: str | torch.device | None = None,
+        diagnostics: bool = False,
     ) -> None:
         self.model, self.tok = model, tok
         self.method: EditMethod = get_method(method)
@@ -270,6 +277,8 @@ class Editor:
         # W0 of each edited layer (math orientation, weight's dtype and device): before any edit of this Editor
         self.w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone() for layer, (_, p) in weights.items()}
         self.target_cache = TargetCache(target_cache) if isinstance(target_cache, dict) else target_cache
+        self.diagnostics = diagnostics
+        self._key_factors = KeyFactors(lambda mom2: self.method.preserved_matrix(self.hp, mom2))
 
     def _check_layers(self) -> None:
         try:
@@ -354,11 +363,17 @@ class Editor:
         t_stats = self.stats.seconds
         if not self._stats_per_layer:  # per layer: prepared in _edit_group, on the model as edited so far
             self.prepare_stats(force=bool(self.hp.recompute_stats) and bool(self.states) and self.method.needs_mom2(self.hp))
-        batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0})
+        batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0},
+                       diag=BatchDiagnostics(self._key_factors) if self.diagnostics else None)
         memory = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
         try:
             for group, group_rows in self._groups(reqs, rows, len(templates)):
                 self._edit_group(group, group_rows, templates, batch)
+            if batch.diag is not None:
+                batch.info["diagnostics"] = batch.diag.finish(
+                    {layer: (batch.originals[name], p.detach()) for layer, (name, p) in params.items()},
+                    self.states, self.arch.fan_in_fan_out)
+                batch.timings["diagnostics"] = batch.diag.seconds
         except BaseException:
             write_weights(self.model, batch.originals)
             for layer, extra in memory.items():  # e.g. AlphaEdit's keys of a batch that was never applied
@@ -407,6 +422,7 @@ class Editor:
         batch.info["v_nll"] += t.nll
         batch.info["v_steps"] += t.steps
         t0, t_stats = time.perf_counter(), self.stats.seconds
+        diag_s = batch.diag.seconds if batch.diag is not None else 0.0
         for i, layer in enumerate(layers):
             if self._stats_per_layer:  # the seed's dynamic: C0 of the model with this batch's earlier layers written
                 self.prepare_stats(force=True, layers=[layer])
@@ -419,12 +435,15 @@ class Editor:
             delta = self.method.layer_delta(self.hp, state, K, R, W)  # (d, d_k) float64, math orientation
             if not torch.isfinite(delta).all():
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
+            if batch.diag is not None:
+                batch.diag.observe(state, K, R, W, delta, t.z)
             batch.add(self.model, layer, delta, self.arch.fan_in_fan_out)
             self.method.commit(self.hp, state, K)
             state.extra = _moved(state.extra, self.stats.storage_device)  # memory back beside the statistics
         stats = self.stats.seconds - t_stats
+        diag_s = batch.diag.seconds - diag_s if batch.diag is not None else 0.0
         batch.timings["stats"] += stats
-        batch.timings["solve"] += time.perf_counter() - t0 - stats
+        batch.timings["solve"] += time.perf_counter() - t0 - stats - diag_s
 
     def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> TargetResult:
         """z* (B, d) of the requests: from ``target_cache`` where possible, the rest optimized together."""

@@ -17,6 +17,7 @@ from fastmemit.cli.common import (
     non_negative_int,
     parse_bool,
     parse_set_overrides,
+    positive_int,
 )
 from fastmemit.errors import RunError
 from fastmemit.eval.config import ALIAS_OF, FIELD_NAMES, SEED_CLI_DEFAULTS, RunConfig, setting_conflicts
@@ -32,6 +33,20 @@ HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --edits
         "batch); resumable: rerun the same command (same --out) after an interruption")
 
 _BOOL = "bool"
+_OFF = "off"  # a collapse threshold switched off on the command line (None in RunConfig)
+
+
+def _threshold(s: str) -> float | str:
+    """argparse type: a finite number ≥ 0, or 'off' / 'none' (the rule switched off)."""
+    if s.strip().lower() in ("off", "none"):
+        return _OFF
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number or 'off', got {s!r}")
+    return v
 
 
 def _flag(p: argparse.ArgumentParser | Any, name: str, kind: Any = str, help: str = "", **kw: Any) -> None:
@@ -117,6 +132,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _flag(ds, "number_of_tests", int, help="test items per task (default: all)")
     _flag(ds, "downstream_data_dir", help="folder of <task>.jsonl (default: the downstream default)")
 
+    lf = p.add_argument_group("lifelong runs: retention and collapse (sequential; docs/lifelong.md)")
+    _flag(lf, "retention_eval_steps", positive_int, help="every K batches, score ES/PS/NS of all cases edited so "
+                                                         "far (retention.jsonl; default off)")
+    _flag(lf, "stop_on_collapse", _BOOL, help="stop when a collapse rule fires, keeping the last healthy model "
+                                              "(default false)")
+    _flag(lf, "collapse_downstream_drop", _threshold,
+          help=f"rule: mean downstream accuracy this far (0-1) below the baseline; 'off' (default {d('collapse_downstream_drop')})")
+    _flag(lf, "collapse_invalid_rise", _threshold,
+          help=f"rule: invalid generated answers this far (0-1) above the baseline's rate; 'off' (default {d('collapse_invalid_rise')})")
+    _flag(lf, "collapse_ns_drop", _threshold,
+          help=f"rule: post NS of the latest --collapse_window cases this many points under their pre NS; 'off' "
+               f"(default {d('collapse_ns_drop')})")
+    _flag(lf, "collapse_rel_distance", _threshold,
+          help="rule: an edited layer's ||W - W0||_F / ||W0||_F above this; 'off' (default off)")
+    _flag(lf, "collapse_window", positive_int, help=f"cases the NS rule averages over (default {d('collapse_window')})")
+
     r = p.add_argument_group("run folder, resuming, saving (may change when resuming)")
     r.add_argument("--out", "--run_dir", "--run-dir", dest="out", default=None,
                    help="run folder (default: results/<METHOD>/run_NNN); an existing run folder with the same "
@@ -184,7 +215,7 @@ def _continued(args: argparse.Namespace, explicit: dict[str, Any], overrides: di
 def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The RunConfig and run folder that the flags describe (stored settings first when resuming);
     paths absolute, as the run stores them, so that a resume from another folder compares equal."""
-    explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
+    explicit = {k: (None if v is _OFF else v) for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
     if explicit.get("sample_num") == "none":
         explicit["sample_num"] = None
     overrides = _overrides(args)
@@ -235,6 +266,10 @@ def _evaluate(args: argparse.Namespace, cfg: RunConfig, run_dir: Path, model: An
     print(f"{'':<8}" + "".join(f"{k:>10}" for k in keys))
     for b in blocks:
         print(f"{b:<8}" + "".join(f"{_fmt(s[b].get(k)):>10}" for k in keys))
+    if s.get("stopped"):
+        st = s["stopped"]
+        print(f"stopped on collapse after batch {st['batches_done']} ({st['edits_so_far']} edits): {st['reason']}; "
+              f"the model kept is the healthy one after {st['healthy_batches_done']} batches ({st['healthy_edits']} edits)")
     t = s["time_seconds"]
     print("time: " + ", ".join(f"{k} {t[k]:.1f}s" for k in ("stats", "v", "solve", "eval", "downstream")) +
           (f"; {s['edits_per_second']:.2f} edits/s" if s.get("edits_per_second") else ""))

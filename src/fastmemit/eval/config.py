@@ -70,7 +70,8 @@ SEED_CLI_DEFAULTS: dict[str, Any] = {"dataset": "mcf", "sample_num": 0, "downstr
 ADDED_FIELDS: dict[str, Any] = {"zsre_convention": "alt"}
 
 _POSITIVE = ("edits_per_batch", "eval_batch_size", "eval_chunk", "downstream_eval_steps", "checkpoint_interval",
-             "save_model_interval")
+             "save_model_interval", "collapse_window")
+_THRESHOLDS = ("collapse_downstream_drop", "collapse_invalid_rise", "collapse_ns_drop", "collapse_rel_distance")
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
@@ -120,6 +121,20 @@ class RunConfig:
     dtype: str = _f("float32", "model dtype when the runner loads the model")
     zsre_convention: str = _f("seed", "zsRE: seed (edit towards answers[0], neighbour prompt without 'nq question:'), "
                                       "memit (answers[0], loc + '?'), alt (EasyEdit's target alt, loc + '?')")
+    retention_eval_steps: int | None = _f(None, "sequential: every K batches, score ES/PS/NS of every case edited so "
+                                                "far on the model as it is then (retention.jsonl; not after the last "
+                                                "batch when the final scoring runs); None: off")
+    stop_on_collapse: bool = _f(False, "sequential: stop when a collapse rule fires (docs/lifelong.md): the model goes "
+                                       "back to the last healthy checkpoint and the summary says why")
+    collapse_downstream_drop: float | None = _f(0.1, "collapse rule: mean downstream accuracy this much (0-1) below "
+                                                     "the baseline check (needs do_downstream_eval); None: off")
+    collapse_invalid_rise: float | None = _f(0.5, "collapse rule: rate of invalid generated downstream answers this "
+                                                  "much (0-1) above the baseline's; None: off")
+    collapse_ns_drop: float | None = _f(20.0, "collapse rule: post-edit NS of the latest collapse_window cases this "
+                                              "many points (x100) under their pre-edit NS; None: off")
+    collapse_rel_distance: float | None = _f(None, "collapse rule: some edited layer's ||W - W0||_F / ||W0||_F above "
+                                                   "this; None: off")
+    collapse_window: int = _f(100, "cases (latest batches) the NS collapse rule averages over")
     # --- runtime: may change between a run and its restart
     device: str = _f("cpu", "torch device when the runner loads the model")
     device_map: str | None = _f(None, "accelerate device map when the runner loads the model: auto, ... or a JSON file")
@@ -155,6 +170,25 @@ class RunConfig:
             raise RunError(f"save_model_format must be 'deltas' or 'full', got {self.save_model_format!r}")
         if not isinstance(self.hparams_overrides, dict):
             raise RunError("hparams_overrides must be a dict")
+        self._check_lifelong()
+
+    def _check_lifelong(self) -> None:
+        """The retention and collapse settings (sequential runs only)."""
+        k = self.retention_eval_steps
+        if k is not None and (not _is_int(k) or k < 1):
+            raise RunError(f"retention_eval_steps must be a positive integer or None, got {k!r}")
+        for name in _THRESHOLDS:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+                raise RunError(f"{name} must be a non-negative number or None, got {v!r}")
+        if not self.sequential and (self.stop_on_collapse or k is not None):
+            raise RunError("stop_on_collapse and retention_eval_steps need a sequential run (edits that accumulate)")
+        downstream = self.do_downstream_eval and (self.collapse_downstream_drop is not None
+                                                  or self.collapse_invalid_rise is not None)
+        if self.stop_on_collapse and not (downstream or self.collapse_ns_drop is not None
+                                          or self.collapse_rel_distance is not None):
+            raise RunError("stop_on_collapse needs at least one collapse rule: do_downstream_eval with "
+                           "collapse_downstream_drop or collapse_invalid_rise, collapse_ns_drop, or collapse_rel_distance")
 
     @property
     def mode(self) -> str:
@@ -192,6 +226,7 @@ class RunConfig:
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunConfig))
 _HINTS = typing.get_type_hints(RunConfig)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -276,8 +311,9 @@ def with_added_fields(run: Mapping[str, Any]) -> dict[str, Any]:
 
 def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a stored config that must be equal for a restart to continue the run (the
-    settings by field name, whichever names the file uses; the zsRE convention only for zsRE)."""
-    run = renamed(with_added_fields(config_json.get("run", {})))
+    settings by field name, whichever names the file uses; a field the file predates has the value the
+    version that wrote it used (:data:`ADDED_FIELDS`) or its default; the zsRE convention only for zsRE)."""
+    run = {**_DEFAULTS, **renamed(with_added_fields(config_json.get("run", {})))}
     if run.get("dataset") != "zsre":
         run.pop("zsre_convention", None)
     return {"format": config_json.get("format"), "run": {k: v for k, v in run.items() if k not in RUNTIME_FIELDS},

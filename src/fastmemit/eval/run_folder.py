@@ -8,8 +8,12 @@ Layout::
             cases.jsonl     per case of each edited batch: pre and post     (GroupLog "batch")
             final.jsonl     sequential: every case on the final model        (GroupLog "chunk")
             downstream.jsonl  downstream checks                               (GroupLog "check")
+            retention.jsonl sequential: every case edited so far, every K batches (GroupLog "check")
+            diagnostics.jsonl per batch: weight distances, objective terms, max kᵀC⁻¹k per layer
             summary.json    rewritten after every batch ("partial": true) and at the end
-            checkpoint/     sequential: cumulative deltas W − W₀ (float64) + the method's state
+            stopped.json    stop_on_collapse: the rule that fired, the batch, the healthy model kept
+            checkpoint/     sequential: cumulative deltas W − W₀ (float64) + the method's state; with
+                            stop_on_collapse also the last healthy one (checkpoint.json "healthy")
             models/         --save_model output
             .lock           one process per folder
 
@@ -75,6 +79,44 @@ class GroupLog:
             pos = nl + 1
         return lines
 
+    def _truncate(self, raw: bytes, keep: int) -> None:
+        if keep < len(raw):
+            logger.info("%s: dropping %d trailing byte(s) of unfinished or superseded groups", self.path.name,
+                        len(raw) - keep)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def read_groups(self) -> dict[int, list[dict[str, Any]]]:
+        """{group: its lines} of the complete lines, in file order; the file is not changed (another
+        run's log, read only)."""
+        if not self.path.is_file():
+            return {}
+        out: dict[int, list[dict[str, Any]]] = {}
+        for _, rec in self._lines(self.path.read_bytes()):
+            g = rec.get(self.group_key)
+            if isinstance(g, int):
+                out.setdefault(g, []).append(rec)
+        return out
+
+    def load_before(self, limit: int) -> list[dict[str, Any]]:
+        """The lines whose group number is below ``limit``, the longest such prefix, in order; the rest is
+        dropped. For a log that may lack groups (one line a group, written by a version that made it)."""
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        out: list[dict[str, Any]] = []
+        keep = 0
+        for end, rec in self._lines(raw):
+            g = rec.get(self.group_key)
+            if not isinstance(g, int) or g >= limit or (out and g <= out[-1][self.group_key]):
+                break
+            out.append(rec)
+            keep = end
+        self._truncate(raw, keep)
+        return out
+
     def load(self, expected: Sequence[tuple[int, Sequence[Any]]], max_groups: int | None = None) -> list[list[dict[str, Any]]]:
         """Complete groups, in order; ``expected`` = [(group, [ids in order]), ...]."""
         if not self.path.exists():
@@ -92,13 +134,7 @@ class GroupLog:
             groups.append([r for _, r in chunk])
             i += len(ids)
             keep = chunk[-1][0]
-        if keep < len(raw):
-            logger.info("%s: dropping %d trailing byte(s) of unfinished or superseded groups", self.path.name,
-                        len(raw) - keep)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                f.flush()
-                os.fsync(f.fileno())
+        self._truncate(raw, keep)
         return groups
 
     def append(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -119,6 +155,9 @@ class RunFolder:
         self.cases_log = GroupLog(path / "cases.jsonl", "batch", "case_id")
         self.final_log = GroupLog(path / "final.jsonl", "chunk", "case_id")
         self.downstream_log = GroupLog(path / "downstream.jsonl", "check", "batches_done")
+        self.retention_log = GroupLog(path / "retention.jsonl", "check", "batches_done")
+        self.diagnostics_log = GroupLog(path / "diagnostics.jsonl", "batch", "batch")
+        self.stopped_path = path / "stopped.json"
         self.checkpoint = Checkpoint(path / "checkpoint")
 
     def stored_config(self) -> dict[str, Any]:
@@ -184,10 +223,23 @@ class RunFolder:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
 
+    def stopped(self) -> dict[str, Any] | None:
+        """The record of a run that stopped on collapse (``stopped.json``), None for a run that did not."""
+        if not self.stopped_path.is_file():
+            return None
+        return dict(json.loads(self.stopped_path.read_text()))
+
+    def write_stopped(self, record: Mapping[str, Any]) -> None:
+        write_json_atomic(self.stopped_path, record)
+
 
 class Checkpoint:
     """A sequential run's edited model after its last checkpointed batch, exactly: the cumulative
-    deltas W − W₀ in float64 (an ordinary deltas file) plus the Editor's state (``state_dict``)."""
+    deltas W − W₀ in float64 (an ordinary deltas file) plus the Editor's state (``state_dict``).
+
+    With ``healthy`` writes (``stop_on_collapse``) the manifest also names the last checkpoint marked
+    healthy (``"healthy": {"batches_done", "deltas", "state", "fingerprint"}``), whose files are kept
+    when later checkpoints replace the others."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -195,6 +247,16 @@ class Checkpoint:
 
     def deltas_path(self, batches_done: int) -> Path:
         return self.path / f"deltas-{batches_done:06d}.safetensors"
+
+    def _manifest(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.manifest_path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return {}
+
+    def healthy(self) -> dict[str, Any] | None:
+        """The entry of the last checkpoint marked healthy, None when there is none."""
+        return self._manifest().get("healthy")
 
     def batches_done(self) -> int:
         """Batches the checkpoint holds (0: none, or an unreadable manifest)."""
@@ -207,8 +269,10 @@ class Checkpoint:
             return 0
 
     def write(self, batches_done: int, model: nn.Module, w0: Mapping[str, torch.Tensor], editor: Editor,
-              requests: Sequence[EditRequest], base_fingerprint: str) -> Path:
-        """Checkpoint ``model`` (edited by ``requests``, at W₀ = ``w0`` before them); the deltas file."""
+              requests: Sequence[EditRequest], base_fingerprint: str, healthy: bool = False) -> Path:
+        """Checkpoint ``model`` (edited by ``requests``, at W₀ = ``w0`` before them); the deltas file.
+        ``healthy``: mark it the last healthy one (else the earlier mark, if any, is kept)."""
+        previous = self._manifest().get("healthy")
         self.path.mkdir(exist_ok=True)
         tag = f"{batches_done:06d}"
         params = dict(model.named_parameters())
@@ -223,15 +287,34 @@ class Checkpoint:
         result.save(self.deltas_path(batches_done))
         with atomic_path(self.path / f"state-{tag}.safetensors") as tmp:
             save_file(editor.state_dict(), str(tmp), metadata={"batches_done": str(batches_done)})
-        write_json_atomic(self.manifest_path, {
+        manifest: dict[str, Any] = {
             "batches_done": batches_done, "edits": len(requests), "deltas": f"deltas-{tag}.safetensors",
             "state": f"state-{tag}.safetensors", "base_fingerprint": base_fingerprint,
             "fingerprint": model_fingerprint(model),
-        })
+        }
+        mark = {k: manifest[k] for k in ("batches_done", "edits", "deltas", "state", "fingerprint")} if healthy else previous
+        if mark is not None:
+            manifest["healthy"] = mark
+        write_json_atomic(self.manifest_path, manifest)
+        keep = {manifest["deltas"], manifest["state"]} | ({mark["deltas"], mark["state"]} if mark else set())
         for old in self.path.glob("*.safetensors"):  # older checkpoints, and orphans of an interrupted write
-            if tag not in old.name:
+            if old.name not in keep:
                 old.unlink()
         return self.deltas_path(batches_done)
+
+    def restore_healthy(self, model: nn.Module, w0: Mapping[str, torch.Tensor], base_fingerprint: str) -> int:
+        """Put ``model`` back to the last healthy checkpoint, exactly (W₀ when none is marked); its batch count."""
+        mark = self.healthy()
+        write_weights(model, w0)
+        if mark is None:
+            return 0
+        tensors, meta = load_deltas(self.path / mark["deltas"])
+        if meta.get("fingerprint") != base_fingerprint or set(tensors) != set(w0):
+            raise RunError(f"{self.path}: the healthy checkpoint does not belong to this run's model")
+        write_weights(model, w0, {name: d.double() for name, d in tensors.items()})
+        if model_fingerprint(model) != mark["fingerprint"]:
+            raise RunError(f"{self.path}: re-applied healthy checkpoint does not reproduce its model's fingerprint")
+        return int(mark["batches_done"])
 
     def restore(self, batches_done: int, model: nn.Module, w0: Mapping[str, torch.Tensor], base_fingerprint: str,
                 editor: Editor | None) -> None:

@@ -10,6 +10,11 @@
    *Sequential* (default): one :class:`~fastmemit.Editor` for the whole run, edits accumulate.
    *Batched*: the model is restored after every batch. Right after a batch's edit its cases are
    scored (**post**); their lines go to ``cases.jsonl``;
+   Per batch also: the Editor's diagnostics (``diagnostics.jsonl``: weight distances, objective terms,
+   max kᵀC⁻¹k per layer); every ``retention_eval_steps`` batches every case edited so far is scored
+   again (``retention.jsonl``); with ``stop_on_collapse`` the batch is judged by the collapse rules
+   (:mod:`~fastmemit.eval.collapse`): when one fires, the last healthy checkpoint is restored,
+   ``stopped.json`` says why, and the run ends there (a rerun reports the stop and edits nothing);
 5. **final** (sequential; ``final_eval``): every case scored again on the finally edited model;
 6. ``summary.json`` (also rewritten after every batch with ``"partial": true``) and plots.
 
@@ -52,7 +57,8 @@ from fastmemit.downstream import (
 )
 from fastmemit.editing import Editor, resolve_hparams, write_weights
 from fastmemit.errors import EditError, FastMemitError, RunError
-from fastmemit.eval.config import DATASETS, RunConfig, stored_config
+from fastmemit.eval.collapse import CollapseMonitor, CollapseRules
+from fastmemit.eval.config import DATASETS, RunConfig, renamed, stored_config
 from fastmemit.eval.datasets import (
     CounterFactCase,
     DatasetError,
@@ -69,7 +75,7 @@ from fastmemit.eval.loop import BatchRecord, edit_batches
 from fastmemit.eval.metrics import evaluate_counterfact_cases, evaluate_zsre_cases
 from fastmemit.eval.plots import plot_run
 from fastmemit.eval.run_folder import GroupLog, RunFolder, copy_file, save_model_folder
-from fastmemit.eval.summary import STATS_FIELDS, RunSummary, hparams_label
+from fastmemit.eval.summary import AVERAGED_KEYS, STATS_FIELDS, MetricMeans, RunSummary, hparams_label
 from fastmemit.hparams_registry import model_key
 from fastmemit.methods import EditHparams, EditMethod, get_method
 from fastmemit.models import load_model
@@ -78,7 +84,7 @@ from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
 from fastmemit.utils import logger, progress
 
-__all__ = ["RunConfig", "RunError", "RunResult", "default_run_dir", "load_cases", "run_evaluation"]
+__all__ = ["CollapseStop", "RunConfig", "RunError", "RunResult", "default_run_dir", "load_cases", "run_evaluation"]
 
 Case = CounterFactCase | ZsreCase
 Event = Callable[[str, int], None]
@@ -226,7 +232,7 @@ class _Setup:
         return Editor(self.model, self.tok, self.method.name, self.hp, corpus=cfg.corpus,
                       stats_cache_dir=cfg.stats_cache_dir, seed=cfg.seed, show_progress=cfg.show_progress,
                       use_cache=cfg.use_cache, target_cache=cache, stats_device=cfg.stats_device,
-                      solve_device=cfg.solve_device)
+                      solve_device=cfg.solve_device, diagnostics=True)
 
     def case_lines(self, rec: BatchRecord[int], pre: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The ``cases.jsonl`` lines of an edited batch (``pre``: the pre-phase lines by case index)."""
@@ -293,21 +299,24 @@ class _Scorer:
         k = self.s.cfg.generation_test_interval
         return not self.s.cfg.skip_generation_tests and k > 0 and i % k == 0
 
-    def __call__(self, idx: Sequence[int]) -> list[dict[str, Any]]:
+    def __call__(self, idx: Sequence[int], generation: bool = True) -> list[dict[str, Any]]:
+        """Scores of the cases ``idx``; ``generation`` False: no generation tests at all."""
         s = self.s
         cases = [s.cases[i] for i in idx]
         bs = s.cfg.eval_batch_size
         if self.is_zsre:
             return evaluate_zsre_cases(s.model, s.tok, cases, batch_size=bs)
         # generation tests only for every K-th case: the others go in without generation prompts
-        cases = [c if self._generation_case(i) or not c.generation_prompts
+        cases = [c if (generation and self._generation_case(i)) or not c.generation_prompts
                  else dataclasses.replace(c, generation_prompts=()) for i, c in zip(idx, cases)]
         return evaluate_counterfact_cases(s.model, s.tok, cases, batch_size=bs,
                                           generation=any(c.generation_prompts for c in cases),
                                           snippets=s.snippets, tfidf=s.tfidf)
 
-    def chunks(self, log: GroupLog, key: str, desc: str) -> dict[int, dict[str, Any]]:
-        """Score every chunk of cases not already in ``log``; {case index: line}."""
+    def chunks(self, log: GroupLog, key: str, desc: str,
+               reuse: Mapping[int, Sequence[Mapping[str, Any]]] | None = None) -> dict[int, dict[str, Any]]:
+        """Score every chunk of cases not already in ``log``; {case index: line}. ``reuse``: lines of
+        chunks scored already elsewhere on the same model ({chunk: lines}), taken when their case ids match."""
         s = self.s
         done = log.load([(g, [s.cases[i].case_id for i in ch]) for g, ch in enumerate(s.chunks)])
         out = {i: rec for g, lines in enumerate(done) for i, rec in zip(s.chunks[g], lines)}
@@ -317,10 +326,15 @@ class _Scorer:
         bar = progress(total=len(todo), desc=desc, unit="chunk", disable=None if s.cfg.show_progress else True)
         try:
             for g in todo:
-                t0 = time.perf_counter()
-                recs = self(s.chunks[g])
-                seconds = time.perf_counter() - t0
-                lines = [{"chunk": g, "case_id": r["case_id"], "seconds_chunk": seconds, key: r} for r in recs]
+                ids = [s.cases[i].case_id for i in s.chunks[g]]
+                other = (reuse or {}).get(g)
+                if other is not None and [x["case_id"] for x in other] == ids:
+                    lines = [{**x, "seconds_chunk": 0.0} for x in other]  # no time spent here
+                else:
+                    t0 = time.perf_counter()
+                    recs = self(s.chunks[g])
+                    seconds = time.perf_counter() - t0
+                    lines = [{"chunk": g, "case_id": r["case_id"], "seconds_chunk": seconds, key: r} for r in recs]
                 log.append(lines)
                 out.update(zip(s.chunks[g], lines))
                 bar.update(1)
@@ -360,6 +374,53 @@ class _Downstream:
         self.summary.add_check(rec)
 
 
+class _Retention:
+    """Retention checks: after every ``retention_eval_steps`` batches, every case edited so far scored on
+    the model as it is then (no generation tests); one ``retention.jsonl`` line a check. None after the
+    last batch when the final scoring runs (it scores the same cases on the same model)."""
+
+    def __init__(self, s: _Setup, scorer: _Scorer, log: GroupLog, summary: RunSummary) -> None:
+        self.s, self.scorer, self.log, self.summary = s, scorer, log, summary
+        K, n = s.cfg.retention_eval_steps or 1, len(s.batches)
+        # batches_done values; the last batch's check would repeat the final scoring (all cases, same model)
+        self.points = [b for b in range(1, n + 1) if b % K == 0 and not (b == n and s.cfg.do_final_eval)]
+
+    def resume(self, start: int) -> None:
+        """Keep the checks made up to ``start`` batches (drop later ones)."""
+        pts = [p for p in self.points if p <= start]
+        for group in self.log.load([(i, [p]) for i, p in enumerate(pts)]):
+            self.summary.add_retention(group[0])
+
+    def check(self, batches_done: int) -> None:
+        s = self.s
+        edited = [(b, i) for b, idx in enumerate(s.batches[:batches_done]) for i in idx]
+        t0 = time.perf_counter()
+        recs = self.scorer([i for _, i in edited], generation=False)
+        cases = [{"case_id": s.cases[i].case_id, "batch": b, **{k: r[k] for k in AVERAGED_KEYS if r.get(k) is not None}}
+                 for (b, i), r in zip(edited, recs)]
+        rec = {"check": self.points.index(batches_done), "batches_done": batches_done,
+               "edits_so_far": s.edits_after(batches_done), "seconds": time.perf_counter() - t0,
+               "means": MetricMeans(recs).summary(), "cases": cases}
+        self.log.append([rec])
+        self.summary.add_retention(rec)
+
+
+class CollapseStop(RunError):
+    """A collapse rule fired after a batch (``stop_on_collapse``); caught by the run, which then stops."""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        super().__init__(record["reason"])
+        self.record = dict(record)
+
+
+def _v_summary(info: Mapping[str, Any]) -> dict[str, Any]:
+    """v*'s final NLLs and steps of a batch, in brief."""
+    nll = [x for x in info.get("v_nll", []) if x is not None]
+    steps = info.get("v_steps", [])
+    return {"nll_mean": sum(nll) / len(nll) if nll else None, "nll_max": max(nll) if nll else None,
+            "steps_mean": sum(steps) / len(steps) if steps else None}
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -373,6 +434,7 @@ def run_evaluation(
     on_event: Event | None = None,
     command: Sequence[str] | None = None,
     continue_run: bool = False,
+    reuse_pre_from: Sequence[str | os.PathLike[str]] = (),
 ) -> RunResult:
     """Run (or resume) the evaluation ``cfg`` in ``out_dir``; returns the summary.
 
@@ -383,6 +445,9 @@ def run_evaluation(
     model. ``on_event(name, batch)`` is called at "batch_written" and "checkpoint_written" (tests use
     it to interrupt a run at a chosen point). ``continue_run``: ``out_dir`` must hold a run, whose
     stored hparams are used as they are (not resolved again: a built-in file may have changed since).
+    ``reuse_pre_from``: other run folders whose pre-edit scores may be copied instead of scored again,
+    chunk by chunk, when they scored the same cases of the same data file on the same unedited model
+    (fingerprint) with the same scoring settings (:func:`reusable_pre`).
     """
     t_start = time.perf_counter()
     folder = RunFolder(Path(out_dir))
@@ -390,15 +455,41 @@ def run_evaluation(
     config_json = setup.config_json(folder.path, command)
     with folder.lock():
         resumed = folder.open(config_json)
-        run = _Run(setup, folder, config_json, target_cache, on_event or (lambda name, batch: None), t_start)
+        reuse = reusable_pre(config_json, [Path(d) for d in reuse_pre_from if Path(d).resolve() != folder.path.resolve()])
+        run = _Run(setup, folder, config_json, target_cache, on_event or (lambda name, batch: None), t_start, reuse)
         return run.run(resumed)
+
+
+_SCORING_FIELDS = ("dataset", "data", "eval_batch_size", "eval_chunk", "skip_generation_tests",
+                   "generation_test_interval", "consistency_dir")
+
+
+def reusable_pre(config_json: Mapping[str, Any], folders: Sequence[Path]) -> dict[int, list[dict[str, Any]]]:
+    """{chunk: pre.jsonl lines} of the first of ``folders`` that holds each chunk and whose run scored on
+    the same unedited model (``base_fingerprint``) with the same data file and scoring settings
+    (:data:`_SCORING_FIELDS`) as ``config_json``. The folders are only read."""
+    mine = renamed(config_json["run"])
+    out: dict[int, list[dict[str, Any]]] = {}
+    for d in folders:
+        try:
+            other = RunFolder(d).stored_config()
+        except RunError:
+            continue
+        theirs = renamed(other.get("run", {}))
+        if other.get("base_fingerprint") != config_json["base_fingerprint"] or any(
+                theirs.get(k) != mine.get(k) for k in _SCORING_FIELDS):
+            continue
+        for g, lines in RunFolder(d).pre_log.read_groups().items():
+            out.setdefault(g, lines)
+    return out
 
 
 class _Run:
     """One run in its (locked, opened) folder: pre scores, edits, final scores, summary."""
 
     def __init__(self, s: _Setup, folder: RunFolder, config_json: Mapping[str, Any],
-                 target_cache: dict[Any, Any] | None, on_event: Event, t_start: float) -> None:
+                 target_cache: dict[Any, Any] | None, on_event: Event, t_start: float,
+                 reuse_pre: dict[int, list[dict[str, Any]]] | None = None) -> None:
         self.s, self.cfg, self.folder, self.on_event = s, s.cfg, folder, on_event
         self.target_cache = target_cache
         header = {"run_dir": str(folder.path), "method": s.method.name, "model": s.cfg.model,
@@ -408,6 +499,12 @@ class _Run:
         self.summary = RunSummary(header, len(s.cases), len(s.batches), t_start)
         self.scorer = _Scorer(s)
         self.downstream = None if s.ds_flags is None else _Downstream(s, s.ds_flags, folder.downstream_log, self.summary)
+        self.retention = _Retention(s, self.scorer, folder.retention_log, self.summary) \
+            if s.cfg.retention_eval_steps else None
+        self.monitor = CollapseMonitor(CollapseRules.from_settings(s.cfg), self.downstream.points if self.downstream
+                                       else ()) if s.cfg.stop_on_collapse else None
+        self.stopped: dict[str, Any] | None = None  # the record of a stop on collapse
+        self.reuse_pre = reuse_pre or {}  # pre.jsonl chunks of other runs (reusable_pre)
         self.pre: dict[int, dict[str, Any]] = {}
         self.final: dict[int, dict[str, Any]] = {}
         # W₀ of the edited matrices: checkpoints hold W − W₀; an interrupted sequential run goes back to it
@@ -415,11 +512,18 @@ class _Run:
 
     def run(self, resumed: bool) -> RunResult:
         cfg, s, n_batches = self.cfg, self.s, len(self.s.batches)
-        self.pre = self.scorer.chunks(self.folder.pre_log, "pre", "pre-edit scoring")
+        self.pre = self.scorer.chunks(self.folder.pre_log, "pre", "pre-edit scoring", self.reuse_pre)
         self.summary.set_chunk_times(self.pre.values())
-        start = self._resume_point(resumed)
+        stopped = self.folder.stopped()
+        start = self._resume_point(resumed, stopped is not None)
         if self.downstream is not None:
             self.downstream.resume(start)
+        if self.retention is not None:
+            self.retention.resume(start)
+        for line in self.folder.diagnostics_log.load_before(start):
+            self.summary.add_diagnostics(line)
+        if stopped is not None:  # stopped on collapse before: report it again, edit nothing
+            return self._finish_stopped(stopped)
         editor = s.editor(self.target_cache)
         try:
             if cfg.sequential and start > 0:
@@ -428,6 +532,8 @@ class _Run:
             if cfg.do_final_eval:  # every case on the finally edited model
                 self.final = self.scorer.chunks(self.folder.final_log, "final", "final scoring")
                 self.summary.set_chunk_times(self.pre.values(), self.final.values())
+        except CollapseStop as stop:
+            return self._finish_stopped(self._stopped_record(stop.record))
         except BaseException:
             if cfg.sequential:
                 write_weights(s.model, self.w0)
@@ -435,19 +541,54 @@ class _Run:
                            self.folder.path, self.summary.batches_done, n_batches)
             raise
         summary = self._write_summary(partial=False)
-        if cfg.plots:
+        self._plots()
+        return RunResult(self.folder.path, summary, s.model, s.tok)
+
+    def _plots(self) -> None:
+        if self.cfg.plots:
             try:
                 plot_run(self.folder.path)
             except Exception as e:  # a plot must not fail a finished run
                 logger.warning("plots not written: %s", e)
+
+    def _stopped_record(self, fired: Mapping[str, Any]) -> dict[str, Any]:
+        """``stopped.json`` for a rule that fired: what, when, and the healthy checkpoint kept."""
+        mark = self.folder.checkpoint.healthy()
+        h = int(mark["batches_done"]) if mark else 0
+        record = {**fired, "healthy_batches_done": h, "healthy_edits": self.s.edits_after(h),
+                  "healthy_fingerprint": mark["fingerprint"] if mark else self.s.base_fp,
+                  "rules": CollapseRules.from_settings(self.cfg).to_dict()}
+        self.folder.write_stopped(record)
+        logger.warning("%s: stopped after batch %d (%d edits): %s; the model is back at the last healthy checkpoint "
+                       "(%d batches, %d edits)", self.folder.path, fired["batches_done"], fired["edits_so_far"],
+                       fired["reason"], h, record["healthy_edits"])
+        return record
+
+    def _finish_stopped(self, stopped: dict[str, Any]) -> RunResult:
+        """A run stopped on collapse: the model at its last healthy checkpoint, the summary, the plots."""
+        s = self.s
+        self.stopped = stopped
+        try:
+            self.folder.checkpoint.restore_healthy(s.model, self.w0, s.base_fp)
+        except BaseException:
+            write_weights(s.model, self.w0)
+            raise
+        summary = self._write_summary(partial=False)
+        self._plots()
         return RunResult(self.folder.path, summary, s.model, s.tok)
 
-    def _resume_point(self, resumed: bool) -> int:
+    def _add_batch(self, lines: Sequence[Mapping[str, Any]]) -> None:
+        self.summary.add_batch(lines)
+        if self.monitor is not None:
+            self.monitor.add_batch(lines)
+
+    def _resume_point(self, resumed: bool, stopped: bool = False) -> int:
         """Complete batches in cases.jsonl; in sequential mode no further than the checkpoint (later
-        batches are redone from it). Their lines go into the summary."""
+        batches are redone from it), unless the run stopped on collapse (its lines are all kept). Their
+        lines go into the summary."""
         s, log = self.s, self.folder.cases_log
         expected = [(b, [s.cases[i].case_id for i in idx]) for b, idx in enumerate(s.batches)]
-        ck_batches = self.folder.checkpoint.batches_done() if self.cfg.sequential else None
+        ck_batches = self.folder.checkpoint.batches_done() if self.cfg.sequential and not stopped else None
         done = log.load(expected, max_groups=ck_batches)
         if self.cfg.sequential and ck_batches and ck_batches > len(done):
             # results behind the checkpoint (a file edited by hand?): no model state to continue from
@@ -457,7 +598,7 @@ class _Run:
         if resumed:
             logger.info("%s: resuming after %d of %d batches", self.folder.path, len(done), len(s.batches))
         for lines in done:
-            self.summary.add_batch(lines)
+            self._add_batch(lines)
         return len(done)
 
     def _restore_checkpoint(self, editor: Editor, start: int) -> None:
@@ -492,26 +633,48 @@ class _Run:
             bar.close()
 
     def _keep(self, rec: BatchRecord[int], editor: Editor) -> None:
-        """Write a batch's lines (its commit point), then its checkpoint and saved model if due."""
+        """Checks due after the batch, its diagnostics, its lines (its commit point), the collapse
+        verdict, then its checkpoint and saved model if due."""
         s, cfg, b = self.s, self.cfg, rec.index
-        if self.downstream is not None and (b + 1) in self.downstream.points:
-            self.downstream.check(b + 1)
+        done = b + 1
+        if self.downstream is not None and done in self.downstream.points:
+            self.downstream.check(done)
+        if self.retention is not None and done in self.retention.points:
+            self.retention.check(done)
+        diagnostics = rec.result.info.get("diagnostics")
+        if diagnostics is not None:
+            line = {"batch": b, "edits_so_far": s.edits_after(done), "seconds": rec.timings.get("diagnostics", 0.0),
+                    "v": _v_summary(rec.result.info), "layers": diagnostics}
+            self.folder.diagnostics_log.append([line])
+            self.summary.add_diagnostics(line)
         lines = s.case_lines(rec, self.pre)
         self.folder.cases_log.append(lines)
-        self.summary.add_batch(lines)
+        self._add_batch(lines)
         self.on_event("batch_written", b)
-        last = b + 1 == len(s.batches)
-        if cfg.sequential and ((b + 1) % cfg.checkpoint_interval == 0 or last):
-            self._checkpoint(b + 1, editor)
+        last = done == len(s.batches)
+        due = cfg.sequential and (done % cfg.checkpoint_interval == 0 or last)
+        healthy = self._judge(done, diagnostics, due)
+        if due or healthy:
+            self._checkpoint(done, editor, healthy=healthy)
             self.on_event("checkpoint_written", b)
-        if cfg.save_model and ((b + 1) % cfg.save_model_interval == 0 or (last and cfg.sequential)):
-            self._save_model(b + 1, rec, editor)
+        if cfg.save_model and (done % cfg.save_model_interval == 0 or (last and cfg.sequential)):
+            self._save_model(done, rec, editor)
 
-    def _checkpoint(self, batches_done: int, editor: Editor) -> Path:
+    def _judge(self, done: int, diagnostics: Sequence[Mapping[str, Any]] | None, checkpoint_due: bool) -> bool:
+        """Whether the model after ``done`` batches is a verified healthy point; a :class:`CollapseStop`
+        when a collapse rule fires (``stop_on_collapse``; False without it)."""
+        if self.monitor is None:
+            return False
+        fired = self.monitor.verdict(done, diagnostics, self.summary.checks)
+        if fired is not None:
+            raise CollapseStop({**fired, "batch": done - 1, "batches_done": done, "edits_so_far": self.s.edits_after(done)})
+        return self.monitor.candidate(done, checkpoint_due)
+
+    def _checkpoint(self, batches_done: int, editor: Editor, healthy: bool = False) -> Path:
         t0 = time.perf_counter()
         n_done = self.s.edits_after(batches_done)
         path = self.folder.checkpoint.write(batches_done, self.s.model, self.w0, editor, self.s.requests[:n_done],
-                                            self.s.base_fp)
+                                            self.s.base_fp, healthy=healthy)
         times = self.s.session_times
         times["checkpoint"] = times.get("checkpoint", 0.0) + time.perf_counter() - t0
         return path
@@ -536,6 +699,6 @@ class _Run:
         complete = self.cfg.do_final_eval and len(self.final) == n
         final = [self.final[i]["final"] for i in range(n)] if complete else None
         pre_all = [self.pre[i]["pre"] for i in range(n)] if complete else None
-        summary = self.summary.to_dict(partial, final, pre_all, self.s.session_times)
+        summary = self.summary.to_dict(partial, final, pre_all, self.s.session_times, self.stopped)
         self.folder.write_summary(summary)
         return summary

@@ -30,7 +30,9 @@ TITLES = {"es": "efficacy success ES", "ps": "paraphrase success PS", "ns": "nei
 AVERAGED_KEYS = (*COUNTERFACT_KEYS, *ZSRE_KEYS)
 STATS_FIELDS = ("dynamic", "dynamic_multiplier", "mom2_n_samples", "mom2_update_weight", "update_norm_lambda",
                 "recompute_stats", "stats_corpus")  # the hparams a summary repeats
-_TIME_KEYS = ("stats", "v", "solve", "eval_pre", "eval_post", "eval_final", "downstream")
+_TIME_KEYS = ("stats", "v", "solve", "eval_pre", "eval_post", "eval_final", "downstream", "diagnostics", "retention")
+# per-layer diagnostics whose largest value over the run the summary keeps
+DIAGNOSTIC_MAXIMA = ("relative_distance_w0", "preservation_rms_w0", "max_kCk", "delta_norm")
 
 
 def metrics_of(summary_block: Mapping[str, Any]) -> tuple[str, ...]:
@@ -125,6 +127,9 @@ class RunSummary:
         self.batches_done = 0
         self.times = dict.fromkeys(_TIME_KEYS, 0.0)
         self.checks: list[dict[str, Any]] = []
+        self.retention: list[dict[str, Any]] = []  # retention checks without their per-case lines
+        self.diagnostics_last: dict[str, Any] | None = None  # the latest diagnostics.jsonl line
+        self.diagnostics_max: dict[str, dict[str, float]] = {}  # layer -> key -> largest value so far
         self.t_start = time.perf_counter() if t_start is None else t_start  # of the session, for "wall"
 
     def add_batch(self, lines: Sequence[Mapping[str, Any]]) -> None:
@@ -141,6 +146,22 @@ class RunSummary:
         self.checks.append(dict(check))
         self.times["downstream"] += check["seconds"]
 
+    def add_retention(self, check: Mapping[str, Any]) -> None:
+        """A ``retention.jsonl`` line (its per-case records are left out of the summary)."""
+        self.retention.append({k: v for k, v in check.items() if k != "cases"})
+        self.times["retention"] += check["seconds"]
+
+    def add_diagnostics(self, line: Mapping[str, Any]) -> None:
+        """A ``diagnostics.jsonl`` line: one batch's per-layer rows."""
+        self.diagnostics_last = dict(line)
+        self.times["diagnostics"] += line.get("seconds") or 0.0
+        for row in line.get("layers", []):
+            top = self.diagnostics_max.setdefault(str(row["layer"]), {})
+            for k in DIAGNOSTIC_MAXIMA:
+                v = row.get(k)
+                if v is not None and (k not in top or v > top[k]):
+                    top[k] = v
+
     def set_chunk_times(self, pre: Iterable[Mapping[str, Any]], final: Iterable[Mapping[str, Any]] = ()) -> None:
         """Scoring seconds of the pre and final phases from their ``pre.jsonl``/``final.jsonl`` lines."""
         self.times["eval_pre"], self.times["eval_final"] = _chunk_seconds(pre), _chunk_seconds(final)
@@ -155,18 +176,33 @@ class RunSummary:
                 out[k] = f"{v:.0f}"
         return out
 
+    def _lifelong(self, stopped: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The summary's diagnostics, retention and stopped entries (only those the run has)."""
+        out: dict[str, Any] = {}
+        if self.diagnostics_last is not None:
+            out["diagnostics"] = {"last_batch": self.diagnostics_last["batch"],
+                                  "last": {str(r["layer"]): r for r in self.diagnostics_last.get("layers", [])},
+                                  "max": self.diagnostics_max}
+        if self.retention:
+            out["retention"] = {"checks": len(self.retention), "last": self.retention[-1]}
+        if stopped is not None:
+            out["stopped"] = dict(stopped)
+        return out
+
     def _time_seconds(self) -> dict[str, float]:
         t = dict(self.times)
         t["eval"] = t["eval_pre"] + t["eval_post"] + t["eval_final"]
         t["edit"] = t["stats"] + t["v"] + t["solve"]
-        t["total"] = t["edit"] + t["eval"] + t["downstream"]
+        t["total"] = t["edit"] + t["eval"] + t["downstream"] + t["retention"] + t["diagnostics"]
         return t
 
     def to_dict(self, partial: bool, final: Sequence[Mapping[str, Any]] | None = None,
                 pre_all: Sequence[Mapping[str, Any]] | None = None,
-                session_seconds: Mapping[str, float] | None = None) -> dict[str, Any]:
+                session_seconds: Mapping[str, float] | None = None,
+                stopped: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The summary; ``final``/``pre_all``: every case's final and pre scores (a finished
-        sequential run); ``session_seconds``: this process's extra timings (``wall`` is added)."""
+        sequential run); ``session_seconds``: this process's extra timings (``wall`` is added);
+        ``stopped``: the record of a run stopped on collapse."""
         done = self.post.n_cases
         s: dict[str, Any] = {"partial": partial, **self.header, "n_cases_planned": self.n_cases_planned,
                              "n_cases": done, "batches_done": self.batches_done, "n_batches": self.n_batches,
@@ -183,6 +219,7 @@ class RunSummary:
             s["downstream"] = {"checks": len(self.checks),
                                "baseline": first["records"] if first["batches_done"] == 0 else None,
                                "last": last["records"], "last_edits_so_far": last["edits_so_far"]}
+        s.update(self._lifelong(stopped))
         s["session_seconds"] = {k: round(v, 3) for k, v in (session_seconds or {}).items()}
         s["session_seconds"]["wall"] = round(time.perf_counter() - self.t_start, 3)
         return s
