@@ -45,6 +45,8 @@ def hparams(**changes: Any) -> dict[str, Any]:
     return hp
 
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
     """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
@@ -54,10 +56,6 @@ def _one_thread(one_thread_module):
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("diagnostics")
 
-
-@pytest.fixture(autouse=True)
-def private_cache(workdir, monkeypatch):
-    monkeypatch.setenv("FASTMEMIT_CACHE", str(workdir / "user-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", 
 N_CASES = 7  # edits_per_batch 3 → batches of 3, 3, 1
 
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
     """Tiny matrices: one torch thread (see conftest.one_thread_module)."""
@@ -44,11 +46,6 @@ def _one_thread(one_thread_module):
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lifelong")
 
-
-@pytest.fixture(autouse=True)
-def private_cache(work, monkeypatch):
-    monkeypatch.setenv("FASTMEMIT_CACHE", str(work / "user-cache"))
-    monkeypatch.setenv("FASTMEMIT_PROGRESS", "0")
 
 
 def cf_record(i: int) -> dict[str, Any]:
