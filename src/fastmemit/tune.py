@@ -308,7 +308,8 @@ class TrialRunner:
     def hparams(self, config: dict[str, Any]) -> EditHparams:
         return self.base.replace(**config)
 
-    def _z_key(self, config: dict[str, Any]) -> str:
+    def z_key(self, config: dict[str, Any]) -> str:
+        """What z* of a configuration depends on besides the cases: its last layer, clamp and v_lr."""
         return json.dumps([config["layers"][-1], *(config[k] for k in Z_FIELDS)])
 
     def _stats_key(self, config: dict[str, Any]) -> str:
@@ -318,7 +319,7 @@ class TrialRunner:
         """Estimated seconds of a trial (None before the first one)."""
         if self._log_key(config, cases) in self.logged:
             return 0.0
-        return self.costs.estimate(len(self.case_sets[cases]), new_z=(cases, self._z_key(config)) not in self.seen_z,
+        return self.costs.estimate(len(self.case_sets[cases]), new_z=(cases, self.z_key(config)) not in self.seen_z,
                                    new_stats=self._stats_key(config) not in self.seen_stats)
 
     def run(self, config: dict[str, Any], cases: str, stage: str, deadline: float | None = None) -> TrialResult:
@@ -341,7 +342,7 @@ class TrialRunner:
                              {k: round(v, 3) for k, v in timings.items()}, status)
         if status == "done":
             self.costs.update(result, len(post))
-            self.seen_z.add((cases, self._z_key(config)))
+            self.seen_z.add((cases, self.z_key(config)))
             self.seen_stats.add(self._stats_key(config))
             self._append_log(result)
         return result
@@ -401,7 +402,7 @@ class TrialRunner:
 class TuneSettings:
     """What ``tune`` searches and how long it may take."""
 
-    budget_s: float = 1800.0  # wall-clock seconds for the whole tune
+    budget_s: float = 3600.0  # wall-clock seconds for the whole tune
     n_tune: int = 20  # tuning cases (the first ones of the file)
     n_held: int = 50  # held-aside cases (the next ones)
     n_trace: int = 8  # facts for the causal trace (after both)
@@ -430,7 +431,7 @@ VLR_VALUES = (0.1, 1.0, 0.5)
 class Search:
     """The coordinate search of :func:`tune` over one :class:`TrialRunner` (module docstring, step 2)."""
 
-    def __init__(self, runner: TrialRunner, budget: Budget, reserve: Callable[[], float], bar: Any) -> None:
+    def __init__(self, runner: TrialRunner, budget: Budget, reserve: Callable[[Search], float], bar: Any) -> None:
         self.runner, self.budget, self.reserve, self.bar = runner, budget, reserve, bar
         self.trials: list[TrialResult] = []
         self.best: TrialResult | None = None
@@ -444,7 +445,7 @@ class Search:
         est = self.runner.estimate(config, "tune")
         if est is None:  # nothing measured yet: the first trial runs while any time is left
             return self.budget.left() > 0
-        return est <= self.budget.left() - self.reserve()
+        return est <= self.budget.left() - self.reserve(self)
 
     def try_config(self, config: dict[str, Any], stage: str) -> TrialResult | None:
         """Run (or recall) one tuning trial; it becomes the incumbent if better. None: skipped or aborted."""
@@ -524,7 +525,7 @@ def tune(model: nn.Module, tok: Any, method: str, cases: Sequence[CounterFactCas
     first = {**config_of(start), "layers": layers}
     bar = progress(total=_planned(first, config_of(start)), desc="tune", unit="trial")
     try:
-        search = Search(runner, budget, lambda: _reserve(runner, settings), bar)
+        search = Search(runner, budget, lambda s: _reserve(runner, s, config_of(start)), bar)
         _search(search, first, config_of(start))
         validation = _validate(runner, search, budget, settings, config_of(start))
     finally:
@@ -580,35 +581,40 @@ def _search(search: Search, first: dict[str, Any], start: dict[str, Any]) -> Non
     search.sweep_lambda("λ (refine)", (10 ** -0.5, 10 ** 0.5))
 
 
-def _reserve(runner: TrialRunner, settings: TuneSettings) -> float:
-    """Seconds kept for the validation: the start and the best configuration on the held-aside cases."""
-    per = runner.costs.estimate(settings.n_held, new_z=True, new_stats=False)
-    return 0.0 if per is None else 2 * per
+def _reserve(runner: TrialRunner, search: Search, start: dict[str, Any]) -> float:
+    """Seconds kept for the validation of the best configuration so far and of the start."""
+    configs = {config_key(c): c for c in ([search.best.config] if search.best else []) + [start]}
+    n_held = len(runner.case_sets["held"])
+    z = runner.costs.estimate(n_held, new_z=True, new_stats=False)
+    rest = runner.costs.estimate(n_held, new_z=False, new_stats=False)
+    if z is None or rest is None:
+        return 0.0
+    n_z = len({runner.z_key(c) for c in configs.values()})
+    return n_z * (z - rest) + len(configs) * rest
 
 
 def _validate(runner: TrialRunner, search: Search, budget: Budget, settings: TuneSettings,
               start: dict[str, Any]) -> list[TrialResult]:
-    """The best search configurations and the start, on the held-aside cases, while they fit the budget."""
-    ranked = sorted(search.tried.values(), key=lambda t: t.key, reverse=True)
-    finalists = [t.config for t in ranked[: settings.finalists]]
-    if config_key(start) in search.tried and start not in finalists:
-        finalists.append(start)
+    """On the held-aside cases, while they fit the budget: the best search configuration, the start,
+    then the next best ones (``settings.finalists`` from the search in all)."""
+    ranked = [t.config for t in sorted(search.tried.values(), key=lambda t: t.key, reverse=True)]
+    finalists = {config_key(c): c for c in [*ranked[:1], start, *ranked[1 : settings.finalists]]}
     out = []
-    for config in finalists:
+    for config in finalists.values():
         est = runner.estimate(config, "held")
         if est is not None and est > budget.left():
             search.skipped.append({"stage": "held-aside", "config": config, "reason": "budget"})
             continue
-        t = runner.run(config, "held", "held-aside", deadline=budget.start + budget.seconds)
-        out.append(t)
+        out.append(runner.run(config, "held", "held-aside", deadline=budget.start + budget.seconds))
     return out
 
 
 def _choose(search: Search, validation: list[TrialResult], first: dict[str, Any]) -> dict[str, Any]:
-    """The best held-aside Score (ties: tuning Score); no validation: the best tuning trial; none: the trace's."""
+    """The best held-aside Score (ties: the tuning Score); no validation: the best tuning trial; none: the trace's."""
     done = [t for t in validation if t.status == "done"]
     if done:
-        return max(done, key=lambda t: (t.key, search.tried[config_key(t.config)].key)).config
+        untried = (-1.0, -1.0)
+        return max(done, key=lambda t: (t.key, getattr(search.tried.get(config_key(t.config)), "key", untried))).config
     return search.best.config if search.best is not None else first
 
 

@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ CORPUS_NAME = "enwiki-sample.jsonl"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--method", default="EMMET", help="editing method to tune (default EMMET)")
-    p.add_argument("--budget-minutes", type=positive_float, default=30.0,
-                   help="wall-clock budget of the whole command, loading included (default 30)")
+    p.add_argument("--budget-minutes", type=positive_float, default=60.0,
+                   help="wall-clock budget of the whole command, loading included (default 60)")
     p.add_argument("--out", type=Path, default=None,
                    help="hparams JSON to write (default: hparams-<METHOD>-<model>.json in the current folder)")
     p.add_argument("--hparams", default=None, help="start from these hparams (default: the built-in, else the automatic default)")
@@ -144,7 +145,9 @@ def report(prov: dict[str, Any]) -> str:
                        "* " if mark_here and t["config"] == chosen else "") for t in rows]
         lines += ["", f"{title} ({prov['unedited'][part].get('n_cases', 0)}):", _table(head, table)]
     if prov["skipped"]:
-        lines.append("\nskipped: " + "; ".join(f"{s['stage']} ({s['reason']})" for s in prov["skipped"]))
+        counts = Counter((s["stage"], s["reason"]) for s in prov["skipped"])  # in order of first appearance
+        lines.append("\nskipped: " + "; ".join(f"{stage}{f' ×{n}' if n > 1 else ''} ({reason})"
+                                               for (stage, reason), n in counts.items()))
     return "\n".join(lines)
 
 
