@@ -13,7 +13,6 @@ import torch
 import transformers as tf
 
 import fastmemit
-from conftest import tiny_config, tiny_llm
 from fastmemit.cli import main
 from fastmemit.editing import resolve_hparams
 from fastmemit.eval.datasets import CounterFactCase, load_counterfact
@@ -21,6 +20,7 @@ from fastmemit.methods import get_method
 from fastmemit.models.arch import get_arch, get_module, mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.tune import Budget, TuneSettings, causal_trace, trace_facts, tune
+from tests.helpers import tiny_config, tiny_llm
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -10,7 +10,6 @@ import torch
 import transformers as tf
 from torch import nn
 
-from conftest import tiny_llm
 from fastmemit import Editor
 from fastmemit.errors import EditError
 from fastmemit.hparams_registry import (
@@ -23,6 +22,7 @@ from fastmemit.hparams_registry import (
 )
 from fastmemit.methods import available_methods, get_method
 from fastmemit.models.arch import key_dim
+from tests.helpers import tiny_llm
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

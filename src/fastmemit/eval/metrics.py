@@ -196,6 +196,17 @@ def evaluate_counterfact_cases(
       generations); with ``snippets`` and ``tfidf`` too: ``reference_score`` (tf-idf cosine between
       all generations and the attribute snippets of the new target).
     """
+    prompts, targets, spans = _counterfact_pairs(cases)
+    scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
+    records = [_counterfact_record(c, span, scores) for c, span in zip(cases, spans)]
+    if generation and any(c.generation_prompts for c in cases):
+        _add_generation_metrics(model, tok, cases, records, batch_size, max_new_tokens, snippets, tfidf)
+    return records
+
+
+def _counterfact_pairs(cases: Sequence[CounterFactCase]) -> tuple[list[str], list[str], list[dict[str, tuple[int, int]]]]:
+    """Every (prompt, target) pair of all cases, new then true for each prompt, and each case's spans
+    of them per prompt kind (so that all pairs are scored in shared batches)."""
     prompts: list[str] = []
     targets: list[str] = []
     spans: list[dict[str, tuple[int, int]]] = []
@@ -211,41 +222,46 @@ def evaluate_counterfact_cases(
                 targets += [new, true]
             span[name] = (start, len(prompts))
         spans.append(span)
-    scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
+    return prompts, targets, spans
 
-    records = []
-    for c, span in zip(cases, spans):
-        rec: dict[str, Any] = {"case_id": c.case_id}
-        for name, (a, b) in span.items():
-            new = scores[a:b:2]
-            true = scores[a + 1 : b : 2]
-            rec[f"{name}_prompts_probs"] = [{"target_new": n.nll, "target_true": t.nll} for n, t in zip(new, true)]
-            expected = true if name == "neighborhood" else new
-            rec[f"{name}_prompts_correct"] = [s.all_correct for s in expected]
-        for name, succ, mag in (("rewrite", "es", "em"), ("paraphrase", "ps", "pm"), ("neighborhood", "ns", "nm")):
-            probs = rec[f"{name}_prompts_probs"]
-            sign = -1.0 if name == "neighborhood" else 1.0  # neighbours should keep the true answer
-            rec[succ] = _mean([float((sign * (x["target_true"] - x["target_new"])) > 0) for x in probs])  # strict: tie fails
-            rec[mag] = _mean([sign * (math.exp(-x["target_new"]) - math.exp(-x["target_true"])) for x in probs])
-            rec[f"{name}_acc"] = _mean([float(v) for v in rec[f"{name}_prompts_correct"]])
-        records.append(rec)
 
-    if generation and any(c.generation_prompts for c in cases):
-        # All cases' generation prompts share batches; the texts are split back per case.
-        gen_prompts = [p for c in cases for p in c.generation_prompts]
-        texts = generate_greedy(model, tok, gen_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        k = 0
-        for c, rec in zip(cases, records):
-            if not c.generation_prompts:
-                continue
-            gens, k = texts[k : k + len(c.generation_prompts)], k + len(c.generation_prompts)
-            rec["generations"] = gens
-            rec["ngram_entropy"] = _mean([ngram_entropy(t) for t in gens])
-            if snippets is not None and tfidf is not None and c.relation_id and c.target_new_id:
-                refs = [s["text"] for s in snippets.get((c.relation_id, c.target_new_id), [])]
-                if refs:
-                    rec["reference_score"] = tfidf_similarity(" ".join(gens), " ".join(refs), tfidf)
-    return records
+def _counterfact_record(c: CounterFactCase, span: Mapping[str, tuple[int, int]], scores: Sequence[Any]) -> dict[str, Any]:
+    """One case's probabilities, correctness and ES/EM/PS/PM/NS/NM from its scored pairs."""
+    rec: dict[str, Any] = {"case_id": c.case_id}
+    for name, (a, b) in span.items():
+        new = scores[a:b:2]
+        true = scores[a + 1 : b : 2]
+        rec[f"{name}_prompts_probs"] = [{"target_new": n.nll, "target_true": t.nll} for n, t in zip(new, true)]
+        expected = true if name == "neighborhood" else new
+        rec[f"{name}_prompts_correct"] = [s.all_correct for s in expected]
+    for name, succ, mag in (("rewrite", "es", "em"), ("paraphrase", "ps", "pm"), ("neighborhood", "ns", "nm")):
+        probs = rec[f"{name}_prompts_probs"]
+        sign = -1.0 if name == "neighborhood" else 1.0  # neighbours should keep the true answer
+        rec[succ] = _mean([float((sign * (x["target_true"] - x["target_new"])) > 0) for x in probs])  # strict: tie fails
+        rec[mag] = _mean([sign * (math.exp(-x["target_new"]) - math.exp(-x["target_true"])) for x in probs])
+        rec[f"{name}_acc"] = _mean([float(v) for v in rec[f"{name}_prompts_correct"]])
+    return rec
+
+
+def _add_generation_metrics(model: nn.Module, tok: Any, cases: Sequence[CounterFactCase], records: list[dict[str, Any]],
+                            batch_size: int, max_new_tokens: int,
+                            snippets: Mapping[tuple[str, str], Sequence[Mapping[str, str]]] | None,
+                            tfidf: TfidfTable | None) -> None:
+    """Fluency (and with snippets and tf-idf tables, consistency) of greedy generations, added to
+    ``records``. All cases' generation prompts share batches; the texts are split back per case."""
+    gen_prompts = [p for c in cases for p in c.generation_prompts]
+    texts = generate_greedy(model, tok, gen_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    k = 0
+    for c, rec in zip(cases, records):
+        if not c.generation_prompts:
+            continue
+        gens, k = texts[k : k + len(c.generation_prompts)], k + len(c.generation_prompts)
+        rec["generations"] = gens
+        rec["ngram_entropy"] = _mean([ngram_entropy(t) for t in gens])
+        if snippets is not None and tfidf is not None and c.relation_id and c.target_new_id:
+            refs = [s["text"] for s in snippets.get((c.relation_id, c.target_new_id), [])]
+            if refs:
+                rec["reference_score"] = tfidf_similarity(" ".join(gens), " ".join(refs), tfidf)
 
 
 def evaluate_counterfact_case(model: nn.Module, tok: Any, case: CounterFactCase, **kwargs: Any) -> dict[str, Any]:
