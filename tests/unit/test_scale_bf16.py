@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_stats import SEQ_LEN, assert_rel_close, doc_rows, make_docs, reference_sum_kk, write_jsonl
+from tests.unit.test_stats import SEQ_LEN, assert_rel_close, doc_rows, make_docs, reference_sum_kk, write_jsonl
 
 from fastmemit import editing
 from fastmemit.editing import apply_deltas, edit, write_weights

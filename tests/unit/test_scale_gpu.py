@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 from accelerate import dispatch_model
-from test_scale_devices import REQS, corpus, private_cache, small_hparams, workdir  # noqa: F401 (fixtures)
+from tests.unit.test_scale_devices import REQS, corpus, private_cache, small_hparams, workdir  # noqa: F401 (fixtures)
 
 from fastmemit.editing import Editor, edit
 from fastmemit.hparams_registry import builtin_hparams
