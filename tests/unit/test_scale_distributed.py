@@ -25,7 +25,7 @@ import fastmemit
 from fastmemit.editing import edit
 from fastmemit.models import load_model
 from fastmemit.stats import compute_layer_stats
-from scale_dist_worker import CACHED, EDIT_HP, REQS, SCENARIOS
+from tests.scale_dist_worker import CACHED, EDIT_HP, REQS, SCENARIOS
 from tests.helpers import REPO, TESTS, tiny_llm
 
 SRC = Path(fastmemit.__file__).resolve().parents[1]
