@@ -13,13 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.unit.test_stats import SEQ_LEN, assert_rel_close, doc_rows, make_docs, reference_sum_kk, write_jsonl
 
 from fastmemit import editing
 from fastmemit.editing import apply_deltas, edit, write_weights
 from fastmemit.models import mlp_down_weight
 from fastmemit.stats import compute_layer_stats
 from tests.helpers import tiny_llm
+from tests.unit.test_stats import (
+    SEQ_LEN,
+    assert_rel_close,
+    doc_rows,
+    make_docs,
+    reference_sum_kk,
+    write_jsonl,
+)
 
 BF16 = torch.bfloat16
 REQS = [{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},

@@ -25,8 +25,8 @@ import fastmemit
 from fastmemit.editing import edit
 from fastmemit.models import load_model
 from fastmemit.stats import compute_layer_stats
-from tests.scale_dist_worker import CACHED, EDIT_HP, REQS, SCENARIOS
 from tests.helpers import REPO, TESTS, tiny_llm
+from tests.scale_dist_worker import CACHED, EDIT_HP, REQS, SCENARIOS
 
 SRC = Path(fastmemit.__file__).resolve().parents[1]
 WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "

@@ -16,7 +16,6 @@ import json
 import pytest
 import torch
 from accelerate import dispatch_model
-from tests.unit.test_scale_devices import REQS, corpus, private_cache, small_hparams, workdir  # noqa: F401 (fixtures)
 
 from fastmemit.editing import Editor, edit
 from fastmemit.hparams_registry import builtin_hparams
@@ -24,6 +23,7 @@ from fastmemit.models import get_module, load_model
 from fastmemit.probe import top_tokens
 from fastmemit.stats import compute_layer_stats
 from tests.helpers import tiny_llm
+from tests.unit.test_scale_devices import REQS, corpus, private_cache, small_hparams, workdir  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")]

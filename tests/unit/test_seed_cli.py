@@ -25,7 +25,20 @@ def config(*argv: str) -> RunConfig:
     return build_config(build_parser().parse_args(["evaluate", *argv, "--out", "o"]))[0]
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private user cache holding the seed's ordering files (the seed ships them in its repository)."""
+    monkeypatch.setenv("FASTMEMIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "data" / "seed-samples"
+    folder.mkdir(parents=True)
+    for name in ("cf", "mcf"):
+        (folder / f"counterfact_sampled_unique_{name}_10_20000.json").write_text(json.dumps({"0": [1, 0]}))
+    return folder
+
+
 def test_the_readme_command_parses_as_the_seed_reads_it(tmp_path):
+    (tmp_path / "seed-samples").mkdir()
+    (tmp_path / "seed-samples" / "counterfact_sampled_unique_cf_10_20000.json").write_text(json.dumps({"0": [0]}))
     cfg = config(*README, "--data", str(tmp_path / "cf.json"), "--dataset_size_limit", "10")
     assert (cfg.method, cfg.edits_per_batch, cfg.model, cfg.hparams, cfg.dataset, cfg.sequential) == \
         ("EMMET", 4, "smollm2-135m", "smollm2-135m.json", "cf", True)
@@ -45,6 +58,15 @@ def test_flags_named_as_in_the_seed_default_as_in_the_seed_and_the_library_stays
     assert config("--sample_num", "3").sample_num == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "--sample_num", "-1"])
+
+
+def test_without_the_seeds_ordering_file_the_default_is_the_files_order(cache, tmp_path, caplog):
+    for f in cache.iterdir():
+        f.unlink()
+    with caplog.at_level("WARNING", logger="fastmemit"):
+        cfg = config("--data", str(tmp_path / "cf.json"))
+    assert cfg.sample_num is None and "using the dataset file's own order" in caplog.text
+    assert config("--data", str(tmp_path / "cf.json"), "--sample_num", "0").sample_num == 0  # asked for: kept
 
 
 def test_hparams_fname_takes_the_seeds_file_names_for_each_method():

@@ -19,13 +19,14 @@ from fastmemit.cli.common import (
     parse_set_overrides,
     positive_int,
 )
-from fastmemit.errors import RunError
+from fastmemit.errors import DatasetError, RunError
 from fastmemit.eval.config import ALIAS_OF, FIELD_NAMES, SEED_CLI_DEFAULTS, RunConfig, setting_conflicts
 from fastmemit.eval.datasets import ZSRE_CONVENTIONS
-from fastmemit.eval.runner import default_run_dir, run_evaluation
+from fastmemit.eval.runner import default_run_dir, run_evaluation, seed_samples_file
 from fastmemit.eval.summary import metrics_of
 from fastmemit.stats.distributed import session
 from fastmemit.stats.service import lead_or_serve
+from fastmemit.utils import logger
 
 NAME = "evaluate"
 HELP = ("edit CounterFact / multi-CounterFact / zsRE cases in batches of --edits_per_batch and score them before "
@@ -94,7 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "it is missing (default true, as the seed)")
     _flag(g, "dataset_size_limit", int, help="use at most N cases (after ordering)")
     _flag(g, "sample_num", _sample_num, help=f"seed ordering K of the case ids (seed-samples file), or 'none' for the "
-                                             f"file's own order (default {d('sample_num')}, as the seed)")
+                                             f"file's own order (default {d('sample_num')}, as the seed, when its "
+                                             "seed-samples file is found; else the file's order, with a warning)")
     _flag(g, "zsre_convention", help=f"zsRE: {'; '.join(f'{k} = {v}' for k, v in ZSRE_CONVENTIONS.items())} "
                                      f"(default {d('zsre_convention')})", choices=list(ZSRE_CONVENTIONS))
     _flag(g, "seed_samples", help="seed-samples file or folder (default: seed-samples/ beside --data, or the cache)")
@@ -212,6 +214,18 @@ def _continued(args: argparse.Namespace, explicit: dict[str, Any], overrides: di
     return stored, run_dir
 
 
+def _default_ordering(cfg: RunConfig) -> RunConfig:
+    """The seed's default ordering when its seed-samples file is found (the seed ships them in its repository,
+    not with the data), else the data file's own order, said in a warning."""
+    try:
+        seed_samples_file(cfg, Path(cfg.data).expanduser() if cfg.data is not None else None)
+        return cfg
+    except DatasetError as e:
+        logger.warning("%s; using the dataset file's own order (--sample_num none) instead of the seed's default "
+                       "ordering %s", e, cfg.sample_num)
+        return dataclasses.replace(cfg, sample_num=None)
+
+
 def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The RunConfig and run folder that the flags describe (stored settings first when resuming);
     paths absolute, as the run stores them, so that a resume from another folder compares equal."""
@@ -231,6 +245,8 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if overrides:
         base["hparams_overrides"] = {**base["hparams_overrides"], **overrides}
     cfg = RunConfig.from_dict(base).normalized()
+    if args.continue_from_run is None and args.config is None and "sample_num" not in explicit:
+        cfg = _default_ordering(cfg)
     if run_dir is None:
         run_dir = Path(args.out).expanduser() if args.out is not None else default_run_dir(cfg.method)
     return cfg, run_dir
