@@ -7,7 +7,8 @@ Every rank builds the same seeded tiny model, then:
    torchrun would) and saves what it got to ``OUT/rank<r>.pt``;
 2. runs an edit on rank 0 while the other ranks serve its statistics passes (``lead_or_serve``),
    saving the deltas and the number of passes served;
-3. runs ``fastmemit edit`` (the CLI's ``main``) the same way, each rank's stdout to ``OUT/cli<r>.txt``.
+3. runs ``fastmemit edit`` (the CLI's ``main``, in the same process group) the same way, each rank's
+   stdout to ``OUT/cli<r>.txt``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
         got["cached_first"] = record(compute_layer_stats(model, tok, **kw))
         got["cached_again"] = record(compute_layer_stats(model, tok, **kw))
         torch.save(got, out / f"rank{shard.rank}.pt")
+        print(f"rank {shard.rank}: statistics done", flush=True)
 
         def edit_on_rank0() -> int:
             ed = Editor(model, tok, "EMMET", EDIT_HP, corpus=settings["corpus"], stats_cache_dir=settings["cache2"],
@@ -81,10 +83,12 @@ def main() -> None:
         rc = lead_or_serve(model, tok, shard, edit_on_rank0)
         service.compute_layer_stats = real
         (out / f"served{shard.rank}.json").write_text(json.dumps({"rc": rc, "passes": passes}))
-    # the CLI, as `torchrun ... -m fastmemit edit ...` runs it (its own session)
-    with open(out / f"cli{shard.rank}.txt", "w") as f, contextlib.redirect_stdout(f):
-        rc = cli_main(settings["cli_edit"])
-    (out / f"cli_rc{shard.rank}.json").write_text(json.dumps(rc))
+        print(f"rank {shard.rank}: served edit done", flush=True)
+        # the CLI, as `torchrun ... -m fastmemit edit ...` runs it (its session finds this process group)
+        with open(out / f"cli{shard.rank}.txt", "w") as f, contextlib.redirect_stdout(f):
+            rc = cli_main(settings["cli_edit"])
+        (out / f"cli_rc{shard.rank}.json").write_text(json.dumps(rc))
+        print(f"rank {shard.rank}: cli edit done", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,18 @@ def old_run_block(cfg: RunConfig) -> dict[str, Any]:
     return {old: values[new] for old, new in new_name.items()}
 
 
+# Settings added after the rename (issue 13: device maps, statistics and solve devices), all runtime settings.
+SCALE_KEYS = ["device_map", "stats_device", "solve_device"]
+
+
 def test_fields_are_the_old_ones_renamed_by_the_alias_table_and_all_have_help():
     fields = dataclasses.fields(RunConfig)
-    assert [f.name for f in fields] == [ALIASES.get(k, k) for k in OLD_RUN_KEYS]
+    expected = [ALIASES.get(k, k) for k in OLD_RUN_KEYS]
+    at = expected.index("device") + 1
+    expected[at:at] = SCALE_KEYS
+    assert [f.name for f in fields] == expected
+    assert set(SCALE_KEYS) <= RUNTIME_FIELDS
+    assert all(getattr(RunConfig(), k) is None for k in SCALE_KEYS)  # an old config.json means the defaults
     assert ALIASES == {"alg_name": "method", "model_name": "model", "hparams_fname": "hparams",
                        "ds_name": "dataset", "num_edits": "edits_per_batch"}
     assert all(f.metadata.get("help") for f in fields)
