@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import gpt2_tokenizer, tiny_llm  # noqa: E402
 from fastmemit.cli import main as cli_main  # noqa: E402
 from fastmemit.editing import Editor  # noqa: E402
+from fastmemit.errors import FastMemitError  # noqa: E402
 from fastmemit.stats import ALL_KEYS, compute_layer_stats, service  # noqa: E402
 from fastmemit.stats.distributed import session  # noqa: E402
 from fastmemit.stats.service import lead_or_serve  # noqa: E402
@@ -48,6 +49,20 @@ def record(stats: dict) -> dict:
     return {layer: (st.sum_kk.cpu(), st.count, st.cache_hit) for layer, st in stats.items()}
 
 
+def failures(model: torch.nn.Module, tok, rank: int, settings: dict) -> dict[str, str | None]:
+    """Calls that one rank cannot make as the others do: every rank must raise, none may wait forever."""
+    cases = {"corpus_missing_on_rank1": dict(corpus=settings["corpus"] if rank == 0 else settings["out"] + "/none.jsonl"),
+             "seed_differs": dict(corpus=settings["corpus"], seed=rank)}
+    out: dict[str, str | None] = {}
+    for name, kw in cases.items():
+        try:
+            compute_layer_stats(model, tok, [0], n_keys=50, cache=False, show_progress=False, **kw)
+            out[name] = None
+        except FastMemitError as e:
+            out[name] = type(e).__name__
+    return out
+
+
 def main() -> None:
     settings = json.loads(Path(sys.argv[1]).read_text())
     out = Path(settings["out"])
@@ -65,6 +80,7 @@ def main() -> None:
             hook.remove()
             forwards[name] = len(calls)
         got["forwards"] = forwards
+        got["errors"] = failures(model, tok, shard.rank, settings)
         kw = dict(corpus=settings["corpus"], cache=True, cache_dir=settings["cache"], show_progress=False, **CACHED)
         got["cached_first"] = record(compute_layer_stats(model, tok, **kw))
         got["cached_again"] = record(compute_layer_stats(model, tok, **kw))

@@ -120,6 +120,13 @@ def test_two_gloo_processes_give_the_one_process_statistics(scenario, launched, 
         assert torch.equal(ranks[0][scenario][layer][0], ranks[1][scenario][layer][0]), "ranks disagree"
 
 
+def test_a_rank_that_cannot_join_makes_every_rank_raise(launched):
+    """A corpus missing on rank 1 only, or another seed on rank 1: an error on every rank, no rank left waiting."""
+    errors = [torch.load(launched / f"rank{r}.pt")["errors"] for r in (0, 1)]
+    assert errors[0] == {"corpus_missing_on_rank1": "StatisticsError", "seed_differs": "StatisticsError"}
+    assert errors[1] == {"corpus_missing_on_rank1": "CorpusError", "seed_differs": "StatisticsError"}
+
+
 def test_rank0_writes_the_cache_and_every_rank_gets_its_hits(launched, work, tokenizer):
     ranks = [torch.load(launched / f"rank{r}.pt") for r in (0, 1)]
     for got in ranks:
