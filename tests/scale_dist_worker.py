@@ -7,7 +7,8 @@ Every rank builds the same seeded tiny model, then:
    torchrun would) and saves what it got to ``OUT/rank<r>.pt``;
 2. runs an edit on rank 0 while the other ranks serve its statistics passes (``lead_or_serve``),
    saving the deltas and the number of passes served;
-3. runs ``fastmemit edit`` (the CLI's ``main``) the same way, each rank's stdout to ``OUT/cli<r>.txt``.
+3. runs ``fastmemit edit`` (the CLI's ``main``, in the same process group) the same way, each rank's
+   stdout to ``OUT/cli<r>.txt``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from fastmemit.cli import main as cli_main  # noqa: E402
 from fastmemit.editing import Editor  # noqa: E402
+from fastmemit.errors import FastMemitError  # noqa: E402
 from fastmemit.stats import ALL_KEYS, compute_layer_stats, service  # noqa: E402
 from fastmemit.stats.distributed import session  # noqa: E402
 from fastmemit.stats.service import lead_or_serve  # noqa: E402
@@ -47,6 +49,20 @@ def record(stats: dict) -> dict:
     return {layer: (st.sum_kk.cpu(), st.count, st.cache_hit) for layer, st in stats.items()}
 
 
+def failures(model: torch.nn.Module, tok, rank: int, settings: dict) -> dict[str, str | None]:
+    """Calls that one rank cannot make as the others do: every rank must raise, none may wait forever."""
+    cases = {"corpus_missing_on_rank1": dict(corpus=settings["corpus"] if rank == 0 else settings["out"] + "/none.jsonl"),
+             "seed_differs": dict(corpus=settings["corpus"], seed=rank)}
+    out: dict[str, str | None] = {}
+    for name, kw in cases.items():
+        try:
+            compute_layer_stats(model, tok, [0], n_keys=50, cache=False, show_progress=False, **kw)
+            out[name] = None
+        except FastMemitError as e:
+            out[name] = type(e).__name__
+    return out
+
+
 def main() -> None:
     settings = json.loads(Path(sys.argv[1]).read_text())
     out = Path(settings["out"])
@@ -64,10 +80,12 @@ def main() -> None:
             hook.remove()
             forwards[name] = len(calls)
         got["forwards"] = forwards
+        got["errors"] = failures(model, tok, shard.rank, settings)
         kw = dict(corpus=settings["corpus"], cache=True, cache_dir=settings["cache"], show_progress=False, **CACHED)
         got["cached_first"] = record(compute_layer_stats(model, tok, **kw))
         got["cached_again"] = record(compute_layer_stats(model, tok, **kw))
         torch.save(got, out / f"rank{shard.rank}.pt")
+        print(f"rank {shard.rank}: statistics done", flush=True)
 
         def edit_on_rank0() -> int:
             ed = Editor(model, tok, "EMMET", EDIT_HP, corpus=settings["corpus"], stats_cache_dir=settings["cache2"],
@@ -81,10 +99,12 @@ def main() -> None:
         rc = lead_or_serve(model, tok, shard, edit_on_rank0)
         service.compute_layer_stats = real
         (out / f"served{shard.rank}.json").write_text(json.dumps({"rc": rc, "passes": passes}))
-    # the CLI, as `torchrun ... -m fastmemit edit ...` runs it (its own session)
-    with open(out / f"cli{shard.rank}.txt", "w") as f, contextlib.redirect_stdout(f):
-        rc = cli_main(settings["cli_edit"])
-    (out / f"cli_rc{shard.rank}.json").write_text(json.dumps(rc))
+        print(f"rank {shard.rank}: served edit done", flush=True)
+        # the CLI, as `torchrun ... -m fastmemit edit ...` runs it (its session finds this process group)
+        with open(out / f"cli{shard.rank}.txt", "w") as f, contextlib.redirect_stdout(f):
+            rc = cli_main(settings["cli_edit"])
+        (out / f"cli_rc{shard.rank}.json").write_text(json.dumps(rc))
+        print(f"rank {shard.rank}: cli edit done", flush=True)
 
 
 if __name__ == "__main__":

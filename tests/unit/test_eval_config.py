@@ -46,15 +46,22 @@ def old_run_block(cfg: RunConfig) -> dict[str, Any]:
 # continues with their defaults, the behaviour of the version that wrote it.
 NEW_FIELDS = ["retention_eval_steps", "stop_on_collapse", "collapse_downstream_drop", "collapse_invalid_rise",
               "collapse_ns_drop", "collapse_rel_distance", "collapse_window"]
+# Settings added after the rename (issue 13: device maps, statistics and solve devices), all runtime settings.
+SCALE_KEYS = ["device_map", "stats_device", "solve_device"]
 
 
 def test_fields_are_the_old_ones_renamed_by_the_alias_table_and_all_have_help():
     fields = dataclasses.fields(RunConfig)
     added = set(ADDED_FIELDS) | set(NEW_FIELDS)
-    assert [f.name for f in fields if f.name not in added] == [ALIASES.get(k, k) for k in OLD_RUN_KEYS]
+    expected = [ALIASES.get(k, k) for k in OLD_RUN_KEYS]
+    at = expected.index("device") + 1
+    expected[at:at] = SCALE_KEYS
+    assert [f.name for f in fields if f.name not in added] == expected
     assert set(ADDED_FIELDS) <= {f.name for f in fields}  # fields added since, with their value for older runs
     assert [f.name for f in fields if f.name in NEW_FIELDS] == NEW_FIELDS
     assert not set(NEW_FIELDS) & RUNTIME_FIELDS  # they change results: a restart may not change them
+    assert set(SCALE_KEYS) <= RUNTIME_FIELDS
+    assert all(getattr(RunConfig(), k) is None for k in SCALE_KEYS)  # an old config.json means the defaults
     assert ALIASES == {"alg_name": "method", "model_name": "model", "hparams_fname": "hparams",
                        "ds_name": "dataset", "num_edits": "edits_per_batch"}
     assert all(f.metadata.get("help") for f in fields)

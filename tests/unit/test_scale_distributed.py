@@ -44,11 +44,18 @@ def _env(work: Path) -> dict[str, str]:
             "FASTMEMIT_CACHE": str(work / "user-cache")}
 
 
-def torchrun(work: Path, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
+def torchrun(work: Path, args: list[str], nproc: int = 2) -> str:
+    """Run ``args`` under torchrun; its stdout (stderr goes to a log file, shown on failure)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, env=_env(work), cwd=work, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    log = work / f"torchrun-{len(list(work.glob('torchrun-*.log')))}.log"
+    with log.open("w") as err:
+        try:
+            proc = subprocess.run(cmd, env=_env(work), cwd=work, stdout=subprocess.PIPE, stderr=err, text=True,
+                                  timeout=1200)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun timed out:\n{log.read_text()[-6000:]}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{log.read_text()[-6000:]}"
+    return proc.stdout
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,6 +120,13 @@ def test_two_gloo_processes_give_the_one_process_statistics(scenario, launched, 
         assert torch.equal(ranks[0][scenario][layer][0], ranks[1][scenario][layer][0]), "ranks disagree"
 
 
+def test_a_rank_that_cannot_join_makes_every_rank_raise(launched):
+    """A corpus missing on rank 1 only, or another seed on rank 1: an error on every rank, no rank left waiting."""
+    errors = [torch.load(launched / f"rank{r}.pt")["errors"] for r in (0, 1)]
+    assert errors[0] == {"corpus_missing_on_rank1": "StatisticsError", "seed_differs": "StatisticsError"}
+    assert errors[1] == {"corpus_missing_on_rank1": "CorpusError", "seed_differs": "StatisticsError"}
+
+
 def test_rank0_writes_the_cache_and_every_rank_gets_its_hits(launched, work, tokenizer):
     ranks = [torch.load(launched / f"rank{r}.pt") for r in (0, 1)]
     for got in ranks:
@@ -154,8 +168,8 @@ def test_torchrun_fastmemit_stats_cli_equals_one_process(work, tokenizer):
     folder, cache = work / "tiny-llama", work / "cache-cli"
     args = ["--model", str(folder), "--layers", "0,2", "--n-tokens", "509", "--corpus", str(work / "corpus.jsonl"),
             "--cache-dir", str(cache), "--batch-size", "4", "--seq-len", "64", "--json"]
-    proc = torchrun(work, ["-m", "fastmemit", "stats", *args])
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout = torchrun(work, ["-m", "fastmemit", "stats", *args])
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert [(r["layer"], r["count"], r["cache_hit"]) for r in rows] == [(0, 509, False), (2, 509, False)]
     model, tok = load_model(str(folder))
     kw = dict(n_keys=509, batch_size=4, seq_len=64, show_progress=False)

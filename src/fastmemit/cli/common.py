@@ -7,8 +7,8 @@ import json
 import math
 from typing import Any, NoReturn
 
+from fastmemit import models
 from fastmemit.errors import ConfigurationError
-from fastmemit.models.loading import load_model
 from fastmemit.stats.distributed import Shard, rank_device
 
 
@@ -135,8 +135,10 @@ def load_cli_model(args: argparse.Namespace, shard: Shard | None = None) -> tupl
     if shard is not None and device_map is not None:
         raise ConfigurationError("--device-map cannot be combined with torchrun: every rank holds a whole model "
                                  "(one GPU per rank); use one or the other")
-    return load_model(args.model, device=rank_device(args.device), dtype=args.dtype,
-                      trust_remote_code=getattr(args, "trust_remote_code", False), device_map=device_map)
+    placement = {} if device_map is None else {"device_map": device_map}
+    # looked up at call time (models.load_model), so that tests can replace it
+    return models.load_model(args.model, device=rank_device(args.device), dtype=args.dtype,
+                             trust_remote_code=getattr(args, "trust_remote_code", False), **placement)
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:

@@ -196,20 +196,28 @@ def compute_layer_stats(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     acc_dtype = _DTYPES[accumulate_dtype]
-    layers = check_layers(model, list(layers))
-    arch = get_arch(model)
-    d_k = key_dim(model, layers[0])
-    count = resolve_count(d_k, n_keys, dynamic_multiplier)
-    source = corpus_from_spec(corpus)
-    param = next(model.parameters())
     fp = model_fingerprint(model)
-    root = stats_dir(cache_dir)
-    acc_device = None if stats_device is None else resolve_device(stats_device)
-    storage = acc_device if acc_device is not None else torch.device("cpu")
-    call = dict(layers=layers, corpus=corpus, n_keys=n_keys, dynamic_multiplier=dynamic_multiplier, batch_size=batch_size,
-                seq_len=seq_len, seed=seed, cache=cache, accumulate_dtype=accumulate_dtype,
-                stats_device="cpu" if storage.type == "cpu" and acc_device is not None else None)
+    keep_on_cpu = stats_device is not None and str(stats_device).startswith("cpu")
+    call = dict(layers=list(layers), corpus=corpus, n_keys=n_keys, dynamic_multiplier=dynamic_multiplier,
+                batch_size=batch_size, seq_len=seq_len, seed=seed, cache=cache, accumulate_dtype=accumulate_dtype,
+                stats_device="cpu" if keep_on_cpu else None)  # what serving ranks are asked to run
     shard = _shard_for(fp, call, distributed)
+    try:  # every rank of a shard learns whether every rank could prepare the pass, so none waits alone
+        layers = check_layers(model, list(layers))
+        arch = get_arch(model)
+        d_k = key_dim(model, layers[0])
+        count = resolve_count(d_k, n_keys, dynamic_multiplier)
+        source = corpus_from_spec(corpus)
+        acc_device = None if stats_device is None else resolve_device(stats_device)
+    except Exception:
+        if shard is not None:
+            shard.all_true(False)
+        raise
+    if shard is not None and not shard.all_true(True):
+        raise StatisticsError("another rank could not prepare this statistics pass (its error is in its log)")
+    param = next(model.parameters())
+    root = stats_dir(cache_dir)
+    storage = acc_device if acc_device is not None else torch.device("cpu")
 
     keys = {layer: stats_key(fp, arch.site("mlp_down", layer), source.identity,
                              "all" if count == ALL_KEYS else count, seq_len, seed, param.dtype, acc_dtype)
