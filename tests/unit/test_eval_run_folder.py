@@ -49,10 +49,16 @@ def test_open_starts_continues_refuses_and_updates_runtime_settings(tmp_path):
             pass
         assert folder.open(config_json(RunConfig(edits_per_batch=2, device="cuda"), folder.path)) is True
         assert folder.stored_config()["run"]["device"] == "cuda"
+        (folder.path / "pre.jsonl").write_text('{"chunk": 0}\n')
+        # a run that never finished a batch (it failed in its set-up) does not block the corrected command
+        assert folder.open(config_json(RunConfig(edits_per_batch=3), folder.path)) is False
+        assert folder.stored_config()["run"]["edits_per_batch"] == 3 and not (folder.path / "pre.jsonl").exists()
+        assert (folder.path / ".lock").exists()
+        (folder.path / "cases.jsonl").write_text('{"batch": 0, "case_id": 1}\n')  # one batch done: now it is a run
         stored = folder.config_path.read_text()
-        with pytest.raises(RunError, match=r"edits_per_batch \(num_edits\): 2 → 3.*--continue_from_run"):
-            folder.open(config_json(RunConfig(edits_per_batch=3), folder.path))
-        assert folder.config_path.read_text() == stored
+        with pytest.raises(RunError, match=r"edits_per_batch \(num_edits\): 3 → 2.*--continue_from_run"):
+            folder.open(config_json(RunConfig(edits_per_batch=2), folder.path))
+        assert folder.config_path.read_text() == stored and (folder.path / "cases.jsonl").exists()
     other = tmp_path / "not-a-run"
     other.mkdir()
     (other / "notes.txt").write_text("x")

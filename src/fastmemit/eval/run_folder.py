@@ -208,6 +208,11 @@ class RunFolder:
             return False
         old = self.stored_config()
         diffs = config_differences(old, config_json)
+        if diffs and not self.has_edits():  # it failed before its first batch: nothing of it is worth keeping
+            logger.warning("%s: the stored run never finished a batch; starting over with the new configuration "
+                           "(%s)", self.path, "; ".join(diffs[:3]))
+            self.clear()
+            return self.open(config_json)
         if diffs:
             raise RunError(
                 f"{self.path} holds a run with another configuration; refusing to mix results. Differences "
@@ -219,6 +224,21 @@ class RunFolder:
             old["run"].update(runtime)
             write_json_atomic(self.config_path, old)
         return True
+
+    def has_edits(self) -> bool:
+        """Whether a batch of this run was ever completed (edited and logged, or checkpointed)."""
+        cases = self.path / "cases.jsonl"
+        return (cases.is_file() and cases.stat().st_size > 0) or (self.path / "checkpoint").exists()
+
+    def clear(self) -> None:
+        """Remove everything of the stored run but the lock (the caller holds it)."""
+        for p in self.path.iterdir():
+            if p.name == ".lock":
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
