@@ -277,8 +277,8 @@ def measure_solve(d_k: int, d: int, args: argparse.Namespace, device: torch.devi
     K = torch.randn(d_k, B, dtype=F64, generator=g).to(device)  # (d_k, B)
     R = torch.randn(d, B, dtype=F64, generator=g).to(device)  # (d, B)
     out: dict[str, Any] = {"d_k": d_k, "d": d, "B": B, **_factored(K, R, g, device)}
-    # cholesky_solve's column-major copy of L, then Y, Δ and its transpose, G
-    out["factored_formula_gib"] = 8 * (d_k**2 + 2 * d_k * B + 2 * d * d_k + 3 * B * B) / GIB
+    # cholesky_solve's column-major copy of L, freed before Δ and its transpose exist; Y, G
+    out["factored_formula_gib"] = 8 * (max(d_k**2, 2 * d * d_k) + 2 * d_k * B + 3 * B * B) / GIB
     gc.collect()
     if direct:
         C = _spd_like(d_k, device, g)
