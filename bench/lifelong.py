@@ -212,7 +212,7 @@ def _f(v: Any, fmt: str = "{:.1f}") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| config | status | edits | post ES / PS / NS (at edit) | all edits so far ES / PS / NS / Score (at n) | "
-            "NS unedited | downstream acc base → last (at n) | invalid | max ‖W−W0‖/‖W0‖ | edits/s | hours |")
+            "NS unedited (same cases) | downstream acc base → last (at n) | invalid | max ‖W−W0‖/‖W0‖ | edits/s | hours |")
     lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
     for r in rows:
         post, a, ds = r.get("post") or {}, r.get("all_so_far") or {}, r.get("downstream") or {}
