@@ -114,8 +114,8 @@ def _seed_loop(model: torch.nn.Module, tok: Any, hp: FTHparams, name: str) -> No
                 logp = torch.log_softmax(model(input_ids=torch.tensor([r.ids])).logits[0].float(), -1)
                 losses.append(-logp[r.at, r.target].mean())
             loss = torch.stack(losses).mean()
-            total += float(loss) * len(chunk)
-            if float(loss) >= 1e-2:
+            total += float(loss.detach()) * len(chunk)
+            if float(loss.detach()) >= 1e-2:
                 loss.backward()
                 opt.step()
             with torch.no_grad():
