@@ -18,6 +18,7 @@ from fastmemit.hparams_registry import (
     automatic_hparams,
     automatic_layers,
     builtin_hparams,
+    builtin_name,
     embedding_probe,
     model_key,
 )
@@ -123,6 +124,7 @@ def test_smollm2s_weights_are_its_identity_whatever_the_name(smollm2_shaped):
         flat[::step][: len(known.probe)] = torch.tensor(known.probe)
     assert model_key(model) == "smollm2-135m"
     assert builtin_hparams("EMMET", model).to_dict() == builtin_hparams("EMMET", "smollm2-135m").to_dict()
+    assert builtin_name("EMMET", model) == "smollm2-135m" and builtin_name("EMMET", smollm2_shaped) is None
     with torch.no_grad():  # in bfloat16 too (the probe tolerates its rounding)
         assert model_key(model.to(torch.bfloat16)) == "smollm2-135m"
     probe = embedding_probe(smollm2_shaped)

@@ -156,6 +156,13 @@ def available(method: str | None = None) -> dict[str, list[str]]:
     return out
 
 
+def builtin_name(method: str, model: nn.Module) -> str | None:
+    """The name of ``method``'s built-in file for ``model`` (matched by identity), or None when it has none."""
+    name = model_key(model)
+    files = next((v for k, v in available().items() if k.upper() == get_method(method).name.upper()), [])
+    return name if name in files else None
+
+
 def builtin_hparams(method: str, model_or_name: nn.Module | str | None) -> EditHparams:
     """The built-in hparams of ``method`` for a model (object or built-in name).
 

@@ -602,7 +602,7 @@ def _validate(runner: TrialRunner, search: Search, budget: Budget, settings: Tun
     out = []
     for config in finalists.values():
         est = runner.estimate(config, "held")
-        if est is not None and est > budget.left():
+        if budget.left() <= 0 or (est is not None and est > budget.left()):
             search.skipped.append({"stage": "held-aside", "config": config, "reason": "budget"})
             continue
         out.append(runner.run(config, "held", "held-aside", deadline=budget.start + budget.seconds))
