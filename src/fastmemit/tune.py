@@ -566,8 +566,9 @@ def _pick_layers(model: nn.Module, tok: Any, pool: list[CounterFactCase], settin
 
 
 def _planned(first: dict[str, Any], start: dict[str, Any]) -> int:
-    """Roughly how many trials the search plans (for the progress bar)."""
-    return 1 + (first != start) + 4 + 4 + 3 + 3 + 2 + 2
+    """At most how many trials the search runs (the progress bar's total; skipped ones do not count)."""
+    others = (MU_VALUES, MULTIPLIER_VALUES, CLAMP_VALUES, VLR_VALUES)
+    return 1 + (first != start) + len(LAMBDA_STEPS) + sum(len(v) - 1 for v in others) + 2
 
 
 def _search(search: Search, first: dict[str, Any], start: dict[str, Any]) -> None:
