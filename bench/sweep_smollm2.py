@@ -15,7 +15,7 @@ others of ``--windows``):
   built-ins), so that a sweep stopped early still has validated rows.
 
 The choice per method is the best held-aside Score (ties: the tuning Score). z* is shared between
-the methods and grid points, and kept in ``--targets`` across restarts. Every finished trial is in
+the methods and grid points, and kept in ``--targets`` (in the user cache) across restarts. Every finished trial is in
 the logs (one per method); running the same command again continues where it stopped.
 
     OMP_NUM_THREADS=1 python bench/sweep_smollm2.py --cases 200 --held-aside 100
@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--memit-lambdas", default="1e1,1e2,1e3,1e4", help="MEMIT λ grid")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sweep_smollm2_200",
                     help="prefix of the result files: <out>-EMMET.json, <out>-MEMIT.json (trial logs), <out>-trace.json")
-    ap.add_argument("--targets", type=Path, default=None, help="z* kept across restarts (default <out>-targets.pt)")
+    ap.add_argument("--targets", type=Path, default=cache_dir() / "sweep_smollm2_200-targets.pt",
+                    help="z* kept across restarts (a cache, outside the repository)")
     ap.add_argument("--stats-cache", type=Path, default=cache_dir() / "sweep-stats",
                     help="statistics and factor cache (one factor file per λ and layer: delete it after the sweep)")
     ap.add_argument("--report", action="store_true", help="print the markdown tables from the logs and exit")
@@ -79,7 +80,7 @@ def main() -> None:
     if not args.no_trace:
         windows.insert(1, trace_window(model, tok, cases[args.cases + args.held_aside :], args.out))
     windows = list({json.dumps(w): w for w in windows}.values())
-    targets_path = args.targets or Path(f"{args.out}-targets.pt")
+    targets_path = args.targets
     targets: dict[Any, Any] = torch.load(targets_path, weights_only=False) if targets_path.is_file() else {}
     runners = {}
     for m in METHODS:

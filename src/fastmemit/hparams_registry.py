@@ -51,6 +51,7 @@ from torch import nn
 from fastmemit.errors import EditError
 from fastmemit.methods import EditHparams, EditMethod, get_method
 from fastmemit.models.arch import key_dim, num_layers
+from fastmemit.models.loading import GGUF_ALIASES
 from fastmemit.utils import logger
 
 Shape = tuple[str, int, int, int]  # (model_type, hidden, layers, d_k)
@@ -110,8 +111,12 @@ def config_shape(model: nn.Module) -> Shape:
 
 
 def model_name(model: nn.Module) -> str:
-    """The name a model was loaded under (its config's ``_name_or_path``), or its class name."""
-    return str(getattr(model.config, "_name_or_path", "") or "") or type(model).__name__
+    """The name a model was loaded under: a built-in alias for the converted copy of an offline model,
+    else its config's ``_name_or_path``, else its class name."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    folder = PurePosixPath(name.replace("\\", "/").rstrip("/")).name
+    alias = next((a for a in GGUF_ALIASES if folder == f"{a}-float32"), None)  # fastmemit's converted copies
+    return alias or name or type(model).__name__
 
 
 def _name_matches(name: str, hub_ids: tuple[str, ...]) -> bool:
@@ -238,6 +243,13 @@ def load_hparams(name_or_path: str | os.PathLike[str], method: str = "EMMET") ->
     files = available(m.name).get(m.name, [])
     raise EditError(f"no built-in {m.name} hparams named {s!r} (built-in: {', '.join(files) or 'none'}); "
                     "pass a JSON file, a dict or an hparams object")
+
+
+def builtin_name(method: str, model: nn.Module) -> str | None:
+    """The name of ``method``'s built-in file for ``model`` (matched by identity), or None when it has none."""
+    name = model_key(model)
+    files = next((v for k, v in available().items() if k.upper() == get_method(method).name.upper()), [])
+    return name if name in files else None
 
 
 def builtin_hparams(method: str, model_or_name: nn.Module | str | None) -> EditHparams:

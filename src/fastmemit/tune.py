@@ -566,8 +566,9 @@ def _pick_layers(model: nn.Module, tok: Any, pool: list[CounterFactCase], settin
 
 
 def _planned(first: dict[str, Any], start: dict[str, Any]) -> int:
-    """Roughly how many trials the search plans (for the progress bar)."""
-    return 1 + (first != start) + 4 + 4 + 3 + 3 + 2 + 2
+    """At most how many trials the search runs (the progress bar's total; skipped ones do not count)."""
+    others = (MU_VALUES, MULTIPLIER_VALUES, CLAMP_VALUES, VLR_VALUES)
+    return 1 + (first != start) + len(LAMBDA_STEPS) + sum(len(v) - 1 for v in others) + 2
 
 
 def _search(search: Search, first: dict[str, Any], start: dict[str, Any]) -> None:
@@ -602,7 +603,7 @@ def _validate(runner: TrialRunner, search: Search, budget: Budget, settings: Tun
     out = []
     for config in finalists.values():
         est = runner.estimate(config, "held")
-        if est is not None and est > budget.left():
+        if budget.left() <= 0 or (est is not None and est > budget.left()):
             search.skipped.append({"stage": "held-aside", "config": config, "reason": "budget"})
             continue
         out.append(runner.run(config, "held", "held-aside", deadline=budget.start + budget.seconds))

@@ -68,7 +68,7 @@ def _default_out(method: str, model: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from fastmemit.editing import resolve_hparams
     from fastmemit.eval.datasets import load_counterfact
-    from fastmemit.hparams_registry import model_key
+    from fastmemit.hparams_registry import builtin_name
     from fastmemit.methods import get_method
     from fastmemit.models import load_model
     from fastmemit.tune import Budget, TuneSettings, tune
@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     cases = load_counterfact(data, dataset_size_limit=args.cases + args.held_aside + 200)
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     start = resolve_hparams(method, args.hparams, model)
+    builtin = builtin_name(method.name, model)
     source = (f"file {args.hparams}" if args.hparams else
-              f"built-in {method.name}/{model_key(model)}" if model_key(model) else "automatic defaults")
+              f"built-in {method.name}/{builtin}" if builtin else "automatic defaults")
     stats = args.stats_cache or tempfile.mkdtemp(prefix="tune-stats-", dir=_tmp_root())
     try:
         result = tune(model, tok, method.name, cases, settings, start=start, start_source=source, corpus=corpus,
