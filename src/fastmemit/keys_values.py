@@ -7,9 +7,9 @@
 - z* of a request: the block output at the last edited layer, at the fact token of the plain
   prompt, once a vector δ optimized so the model predicts ``target_new`` (NLL + KL + weight decay,
   norm clamp) is added there. δ is added at the *value site*: the block output (``"block"``,
-  MEMIT's choice: z* = h + δ) or the edited matrix's output (``"matrix"``, ROME's choice, and the
-  only one where the matrix's output passes a norm before the residual add, Gemma 2/3: m* = m + δ,
-  and z* is read from the same forward pass). The clamp and the weight decay are relative to the
+  MEMIT's choice: z* = h + δ) or the edited matrix's output (``"matrix"``, ROME's choice: m* = m + δ,
+  z* read from the same forward pass; the only site allowed where the matrix's output passes a
+  norm before the residual add, Gemma 2/3). The clamp and the weight decay are relative to the
   norm of the value at that site. All requests of a batch are optimized together: an independent
   δ per request, one forward per step (or one per micro-batch of ``v_max_rows`` prompts,
   gradients accumulated: the losses are independent, so the result is the same and memory stays
