@@ -12,9 +12,8 @@ import logging
 import pytest
 import torch
 
-from fastmemit import Editor
+from fastmemit import Editor, hparams_registry
 from fastmemit.eval.metrics import score_targets
-from fastmemit import hparams_registry
 from fastmemit.hparams_registry import automatic_layers, builtin_hparams, builtin_name, model_key
 from fastmemit.probe import top_tokens
 
