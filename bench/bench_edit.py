@@ -6,16 +6,28 @@
 2. ``solve``: per-batch cost of the factored solve (Cholesky of λC0 once, then O(d_k²·B) per
    batch) vs a direct d_k×d_k solve per batch, at d_k = 1536, 6400, 16384, random SPD statistics.
 3. ``methods``: whole edits (statistics cached) per method on smollm2-135m: edits/s.
+4. ``vmem``: v*'s peak memory and time at batch sizes 10, 100, 500, all rows in one forward
+   (``v_max_rows`` 0) vs micro-batches with accumulated gradients (``v_max_rows`` R), each setting
+   in a fresh process (peak RSS, VmHWM, beyond the RSS after loading the model); the deltas of the
+   two settings are compared (micro-batching is exact).
+5. ``vstop``: v* early stopping by the NLL rule vs ENCORE's most-probable early stopping (MPES) on the
+   same CounterFact requests: v* seconds, steps, and ES/PS/NS/Score of the edited model (batched
+   edits from the unedited weights, EMMET with the built-in smollm2 hparams).
 
     python bench/bench_edit.py vstar --sizes 1,10,50 --steps 5
     python bench/bench_edit.py solve --dks 1536,6400,16384 --batch 10
     python bench/bench_edit.py methods --n 50
+    python bench/bench_edit.py vmem --sizes 10,100,500 --max-rows 110 --steps 2
+    python bench/bench_edit.py vstop --n 200 --batch 10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,7 +124,92 @@ def bench_methods(n: int, corpus: str) -> None:
         print(f"{method:>10} {dt:>8.1f} {len(todo) / dt:>8.2f}  {phases}  ({len(todo)} edits)", flush=True)
 
 
+def _rss_mib(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def vmem_one(n: int, max_rows: int, steps: int) -> None:
+    """One v* run in this process; prints a JSON line (the parent runs each setting in a fresh process)."""
+    from fastmemit import EditRequest, load_model
+    from fastmemit.keys_values import context_templates, optimize_targets
+    from fastmemit.methods import EditHparams
+
+    model, tok = load_model("smollm2-135m")
+    hp = EditHparams.from_dict({**SMOL_HP, "v_num_grad_steps": steps, "v_early_stop_nll": 0.0, "v_max_rows": max_rows})
+    templates = context_templates(model, tok, hp.context_template_length_params)
+    reqs = [EditRequest.from_any(r) for r in _requests(n)]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _rss_mib("VmRSS")
+    t0 = time.perf_counter()
+    res = optimize_targets(model, tok, reqs, templates, hp.layers[-1], hp, show_progress=False)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"n": n, "max_rows": max_rows, "rows": n * (len(templates) + 1), "seconds": dt,
+                      "peak_mib": _rss_mib("VmHWM") - base, "rss_after_load_mib": base,
+                      "delta_sum": float(res.delta.abs().sum()), "delta_max": float(res.delta.abs().max())}))
+
+
+def bench_vmem(sizes: list[int], max_rows: int, steps: int, full_max: int, out: str | None) -> None:
+    print(f"v* on smollm2-135m, {steps} steps (no early stop), each setting in a fresh process; "
+          f"peak = VmHWM − RSS after loading the model")
+    print(f"{'batch':>6} {'v_max_rows':>10} {'rows':>6} {'seconds':>8} {'s/fact/step':>11} {'peak MiB':>9}  same δ")
+    rows: list[dict] = []
+    for n in sizes:
+        ref = None
+        for r in ([0] if n <= full_max else []) + [max_rows]:
+            cmd = [sys.executable, __file__, "_vmem_one", str(n), str(r), str(steps)]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            row = json.loads(line)
+            rows.append(row)
+            same = "" if ref is None else (
+                "yes" if abs(row["delta_sum"] - ref["delta_sum"]) <= 1e-5 * ref["delta_sum"] else
+                f"no ({row['delta_sum']:.6g} vs {ref['delta_sum']:.6g})")
+            ref = ref or row
+            print(f"{n:>6} {r:>10} {row['rows']:>6} {row['seconds']:>8.1f} {row['seconds'] / n / steps:>11.3f} "
+                  f"{row['peak_mib']:>9.0f}  {same}", flush=True)
+        if n > full_max:
+            print(f"{n:>6} {0:>10}  (all rows at once not run above --full-max {full_max})")
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=1))
+
+
+def bench_vstop(n: int, batch: int, corpus: str, out: str | None) -> None:
+    """NLL vs MPES early stopping, batched edits of the same cases, each batch from the unedited weights."""
+    from fastmemit import Editor, load_model
+    from fastmemit.eval.datasets import load_counterfact
+    from fastmemit.eval.metrics import evaluate_counterfact_cases, summarize
+    from fastmemit.hparams_registry import builtin_hparams
+
+    model, tok = load_model("smollm2-135m")
+    cases = load_counterfact(str(DATA / "counterfact-train.json"))[:n]
+    base = builtin_hparams("EMMET", model).to_dict()
+    rows = []
+    for rule in ("nll", "mpes"):
+        hp = type(builtin_hparams("EMMET", model)).from_dict({**base, "v_early_stop": rule})
+        ed = Editor(model, tok, "EMMET", hp, corpus=corpus, show_progress=False)
+        ed.prepare_stats()
+        recs, v_s, steps, t0 = [], 0.0, [], time.perf_counter()
+        for i in range(0, n, batch):
+            part = cases[i:i + batch]
+            res = ed.edit([c.requested_rewrite for c in part])
+            v_s += res.timings.get("v", 0.0)
+            steps += list(res.info.get("v_steps", []))
+            recs += evaluate_counterfact_cases(model, tok, part, generation=False)
+            res.restore()
+        total = time.perf_counter() - t0
+        s = summarize(recs)
+        row = {"rule": rule, "n": n, "batch": batch, "v_seconds": v_s, "total_seconds": total,
+               "mean_steps": sum(steps) / len(steps) if steps else None,
+               **{k: s.get(k) for k in ("es", "ps", "ns", "score")}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_vmem_one":
+        vmem_one(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     v = sub.add_parser("vstar")
@@ -126,11 +223,26 @@ def main() -> None:
     m = sub.add_parser("methods")
     m.add_argument("--n", type=int, default=50)
     m.add_argument("--corpus", default=str(DATA / "enwiki-sample.jsonl"))
+    vm = sub.add_parser("vmem")
+    vm.add_argument("--sizes", default="10,100,500")
+    vm.add_argument("--max-rows", type=int, default=110, help="v_max_rows of the micro-batched setting")
+    vm.add_argument("--steps", type=int, default=2)
+    vm.add_argument("--full-max", type=int, default=100, help="largest batch also run with all rows at once")
+    vm.add_argument("--out", default=None, help="JSON file of the rows")
+    vs = sub.add_parser("vstop")
+    vs.add_argument("--n", type=int, default=200)
+    vs.add_argument("--batch", type=int, default=10)
+    vs.add_argument("--corpus", default=str(DATA / "enwiki-sample.jsonl"))
+    vs.add_argument("--out", default=None, help="JSON file of the rows")
     args = ap.parse_args()
     if args.what == "vstar":
         bench_vstar([int(x) for x in args.sizes.split(",")], args.steps)
     elif args.what == "solve":
         bench_solve([int(x) for x in args.dks.split(",")], args.batch, args.d, args.batches)
+    elif args.what == "vmem":
+        bench_vmem([int(x) for x in args.sizes.split(",")], args.max_rows, args.steps, args.full_max, args.out)
+    elif args.what == "vstop":
+        bench_vstop(args.n, args.batch, args.corpus, args.out)
     else:
         bench_methods(args.n, args.corpus)
 
