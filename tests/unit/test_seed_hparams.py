@@ -15,6 +15,7 @@ from fastmemit.cli.evaluate_cmd import build_config
 from fastmemit.errors import EditError
 from fastmemit.hparams_registry import available, builtin_hparams, load_hparams
 from fastmemit.methods import EditHparams, FTHparams, get_method
+from fastmemit.models.loading import resolve_model_path
 from tests.helpers import TESTS
 
 DATA = TESTS / "data" / "seed_hparams"
@@ -63,6 +64,31 @@ def test_load_hparams_is_public_and_gives_the_seeds_emmet_gpt2_xl_on_every_maths
 ])
 def test_builtins_by_the_seeds_file_names(method, name, field, value):
     assert getattr(load_hparams(name, method), field) == value
+
+
+@pytest.mark.parametrize("name", ["Llama-2-7b", "Llama-2-7b.json", "meta-llama/Llama-2-7b-hf",
+                                  "meta-llama/Llama-2-7b-hf.json", "meta-llama_Llama-2-7b-hf.json"])
+@pytest.mark.parametrize("method", ["EMMET", "MEMIT"])
+def test_the_seeds_llama_model_names_reach_its_llama2_file(name, method):
+    """The seed's --model_name (Llama-2-7b) and the hub id name its llama2-7b.json as well."""
+    assert load_hparams(name, method) == load_hparams("llama2-7b.json", method) == builtin_hparams(method, "llama-2-7b")
+    assert builtin_hparams(method, name.removesuffix(".json")) == load_hparams("llama2-7b", method)
+
+
+def test_hub_ids_of_known_models_name_their_builtins_and_folders_still_come_first():
+    assert load_hparams("EleutherAI/gpt-j-6B", "EMMET") == load_hparams("EleutherAI_gpt-j-6B.json", "EMMET")
+    assert load_hparams("openai-community/gpt2-xl", "MEMIT") == load_hparams("gpt2-xl", "MEMIT")
+    assert load_hparams("EleutherAI/gpt-j-6B_constr", "FT") == load_hparams("gpt-j-6b_constr", "FT")
+    assert load_hparams("FastEMMET/gpt2-xl", "EMMET").dynamic is True  # FOLDER/name as before
+    with pytest.raises(EditError, match="no built-in EMMET hparams named 'someone/gpt2-xl'"):
+        load_hparams("someone/gpt2-xl", "EMMET")
+
+
+def test_the_seeds_llama_model_name_is_a_model_alias(tmp_path, monkeypatch):
+    assert resolve_model_path("Llama-2-7b") == "meta-llama/Llama-2-7b-hf"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Llama-2-7b").mkdir()  # the seed's local folder of that name wins, as there
+    assert resolve_model_path("Llama-2-7b") == "Llama-2-7b"
 
 
 def test_the_seeds_models_default_to_its_values_and_smollm2_keeps_ours():
