@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastmemit.errors import RunError
+from fastmemit.errors import EditError, RunError
 from fastmemit.eval.datasets import ZSRE_CONVENTIONS
+from fastmemit.methods import get_method
 from fastmemit.utils import read_json
 
 RUN_FORMAT = 1  # "format" of config.json
@@ -312,13 +313,27 @@ def with_added_fields(run: Mapping[str, Any]) -> dict[str, Any]:
 def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a stored config that must be equal for a restart to continue the run (the
     settings by field name, whichever names the file uses; a field the file predates has the value the
-    version that wrote it used (:data:`ADDED_FIELDS`) or its default; the zsRE convention only for zsRE)."""
+    version that wrote it used (:data:`ADDED_FIELDS`) or its default; the zsRE convention only for zsRE;
+    the hparams with the fields they predate at their defaults: :func:`hparams_identity`)."""
     run = {**_DEFAULTS, **renamed(with_added_fields(config_json.get("run", {})))}
     if run.get("dataset") != "zsre":
         run.pop("zsre_convention", None)
     return {"format": config_json.get("format"), "run": {k: v for k, v in run.items() if k not in RUNTIME_FIELDS},
-            "method": config_json.get("method"), "hparams": config_json.get("hparams"),
+            "method": config_json.get("method"), "hparams": hparams_identity(config_json),
             "base_fingerprint": config_json.get("base_fingerprint"), "case_ids": config_json.get("case_ids")}
+
+
+def hparams_identity(config_json: Mapping[str, Any]) -> Any:
+    """A stored config's resolved hparams, every field of the method's hparams class that they lack (a
+    field added by a later fastmemit) at its default: new fields default to the behaviour before them,
+    so an older run compares equal unless a value really changed. As stored for a method this version
+    does not know."""
+    hp = config_json.get("hparams")
+    try:
+        cls = get_method(str(config_json.get("method"))).hparams_cls
+    except EditError:
+        return hp
+    return {**cls.defaults(), **hp} if isinstance(hp, Mapping) else hp
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -233,6 +233,12 @@ class EditHparams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, as :meth:`to_dict` writes it (the values of fields a stored dict predates)."""
+        return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)}
+
     def replace(self: T, **changes: Any) -> T:
         """A copy with ``changes``. Setting ``dynamic_multiplier`` without ``dynamic`` turns dynamic on (the
         seed's rule: a multiplier means reduced statistics), so that an override is never silently unused."""
