@@ -153,6 +153,9 @@ class RunConfig:
     show_progress: bool = _f(True, "progress bars (FASTMEMIT_PROGRESS=0 silences them too)")
 
     def __post_init__(self) -> None:
+        if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
+            raise RunError(f"sample_num must be a non-negative integer (an ordering of the seed-samples file) or "
+                           f"None (the dataset file's own order; --sample_num none), got {self.sample_num!r:.60}")
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
         if self.dataset not in DATASETS:
@@ -163,8 +166,6 @@ class RunConfig:
                 raise RunError(f"{field_label(name)} must be a positive integer, got {v!r}")
         if self.dataset_size_limit is not None and (not _is_int(self.dataset_size_limit) or self.dataset_size_limit < 1):
             raise RunError(f"dataset_size_limit must be a positive integer or None, got {self.dataset_size_limit!r}")
-        if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
-            raise RunError(f"sample_num must be a non-negative integer or None, got {self.sample_num!r}")
         if self.zsre_convention not in ZSRE_CONVENTIONS:
             raise RunError(f"zsre_convention must be one of {', '.join(ZSRE_CONVENTIONS)}, got {self.zsre_convention!r}")
         if self.save_model_format not in ("deltas", "full"):
