@@ -8,8 +8,10 @@ repository (kmeng01/memit, unified-model-editing's EMMET); smollm2-135m holds fa
 
 Names are looked up as the seed looks up ``--hparams_fname`` (``hparams/<ALG>/<name>``): under the
 method's folder, by fastmemit's file name or by the seed's own (``gpt2-xl.json``,
-``EleutherAI_gpt-j-6B.json``, ``llama2-7b.json``, ``EleutherAI_gpt-j-6B_constr.json``), with or
-without ``.json``; ``FOLDER/name`` reaches another folder of the same method (``FastEMMET/gpt2-xl``).
+``EleutherAI_gpt-j-6B.json``, ``llama2-7b.json``, ``EleutherAI_gpt-j-6B_constr.json``), by the seed's
+``--model_name`` (``Llama-2-7b``) or a known model's hub id (``meta-llama/Llama-2-7b-hf``,
+``EleutherAI/gpt-j-6B``), with or without ``.json``; ``FOLDER/name`` reaches another folder of the
+same method (``FastEMMET/gpt2-xl``).
 
 A loaded model gets a built-in only when
 it *is* that model (:func:`model_key`): the offline models by their weights (a probe of their
@@ -63,11 +65,14 @@ AUTO_FIELDS = {"dynamic": True, "dynamic_multiplier": 10, "v_num_grad_steps": 20
 _PROBE_COUNT = 16  # embedding entries compared (evenly strided over the flattened matrix)
 _PROBE_RTOL, _PROBE_ATOL = 1e-2, 1e-3  # atol relative to the largest probe value; bf16 rounds at 4e-3
 
-# The seed's model names in its hparams file names -> fastmemit's (a file name starts with one of them)
+# The seed's model names in its hparams file names and its --model_name choices -> fastmemit's (a file name
+# starts with one of them). A known model's hub id, "/" written "_" as the research code names files, maps too
+# (:func:`_seed_names`).
 SEED_MODEL_NAMES: dict[str, str] = {
     "EleutherAI_gpt-j-6B": "gpt-j-6b",
     "EleutherAI_gpt-neox-20b": "gpt-neox-20b",
     "llama2-7b": "llama-2-7b",
+    "Llama-2-7b": "llama-2-7b",  # the seed's --model_name for its local Llama-2 folder
 }
 
 
@@ -190,17 +195,27 @@ def _folder(name: str) -> Traversable | None:
     return next((d for d in _root().iterdir() if d.is_dir() and d.name.upper() == name.upper()), None)
 
 
+def _seed_names() -> dict[str, str]:
+    """:data:`SEED_MODEL_NAMES` and the known models' hub ids (``meta-llama_Llama-2-7b-hf``), longest first."""
+    names = {h.replace("/", "_"): k.name for k in KNOWN_MODELS for h in k.hub_ids} | SEED_MODEL_NAMES
+    return dict(sorted(names.items(), key=lambda kv: -len(kv[0])))
+
+
 def _seed_stem(stem: str) -> str:
-    """fastmemit's file name for a seed file name (its model prefix renamed), else ``stem``."""
-    for seed, ours in SEED_MODEL_NAMES.items():
-        if stem == seed or stem.startswith(seed + "_"):
-            return ours + stem[len(seed):]
+    """fastmemit's file name for a seed file name or a model name (its model prefix renamed; a hub id's
+    ``/`` read as ``_``), else ``stem``."""
+    flat = stem.replace("/", "_")
+    for seed, ours in _seed_names().items():
+        if flat == seed or flat.startswith(seed + "_"):
+            return ours + flat[len(seed):]
     return stem
 
 
 def find_builtin(method: EditMethod, name: str) -> Traversable | None:
     """The built-in file ``name`` refers to for ``method`` (module docstring), or None when it is not one."""
     parts = name.replace(os.sep, "/").split("/")
+    if len(parts) == 2 and _folder(parts[0]) is None:  # a hub id (meta-llama/Llama-2-7b-hf), not FOLDER/name
+        parts = ["_".join(parts)]
     if len(parts) > 2 or not parts[-1]:
         return None
     folder = _folder(parts[0] if len(parts) == 2 else method.name)

@@ -24,6 +24,7 @@ from fastmemit.eval.config import (
     setting_conflicts,
     stored_config,
 )
+from fastmemit.methods import FTHparams
 
 # The "run" block of a config.json written by the runner before the rename (every key it wrote).
 OLD_RUN_KEYS = ["alg_name", "model_name", "hparams_fname", "hparams_overrides", "ds_name", "data", "download",
@@ -127,6 +128,19 @@ def test_an_old_config_json_is_read_and_compares_equal_to_the_same_run_today(tmp
     other = stored(dataclasses.replace(cfg, edits_per_batch=2, device="cuda", plots=False))
     assert config_differences(old, other) == ["run.edits_per_batch (num_edits): 3 → 2"]
     assert config_differences(new, stored(cfg, case_ids=list(range(20)))) == ["case_ids: 3 items → 20 items"]
+
+
+def test_hparams_fields_a_stored_run_predates_count_at_their_defaults():
+    full = FTHparams(layers=[1]).to_dict()
+    cfg = RunConfig(method="FT")
+    new = stored(cfg, hparams=full)
+    old = stored(cfg, hparams={k: v for k, v in full.items() if k not in ("ft_loss", "v_max_rows")})
+    assert config_differences(old, new) == [] and identity(old) == identity(new)
+    assert identity(old)["hparams"] == full  # the FT class's defaults: ft_loss included
+    assert config_differences(old, stored(cfg, hparams={**full, "ft_loss": "next_token"})) == [
+        "hparams.ft_loss: 'teacher_forced' → 'next_token'"]
+    # a method this version does not know: compared as stored
+    assert identity(stored(cfg, method="NoSuch", hparams={"layers": [1]}))["hparams"] == {"layers": [1]}
 
 
 def test_every_research_flag_and_dash_form_of_the_cli_still_works(tmp_path):

@@ -37,6 +37,7 @@ from fastmemit.eval.metrics import (
     harmonic_mean,
     ngram_entropy,
     score_targets,
+    sliding_correct,
     summarize,
     tfidf_similarity,
 )
@@ -83,6 +84,16 @@ class BigramLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Any = None, position_ids: Any = None, **_: Any) -> Any:
         return SimpleNamespace(logits=self.table[input_ids])  # (B, T, V)
+
+
+class GreedyBigramLM(BigramLM):
+    """The bigram with greedy ``generate`` (left-padded rows: the last column is every row's last token)."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Any = None, generation_config: Any = None) -> Any:
+        seq = input_ids
+        for _ in range(generation_config.max_new_tokens):
+            seq = torch.cat([seq, self.table[seq[:, -1]].argmax(-1, keepdim=True)], dim=1)  # (B, T + 1)
+        return SimpleNamespace(sequences=seq)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +169,33 @@ def test_counterfact_metrics_on_a_hand_made_case(bigram: Any) -> None:
     assert rec["ns"] == 0.5  # "in": true kept (success); "near": new wins (failure)
     assert rec["nm"] == pytest.approx(((p_true - p_new) + (q_true - q_new)) / 2, abs=1e-6)
     assert rec["rewrite_acc"] == 0.0 and rec["paraphrase_acc"] == 0.5 and rec["neighborhood_acc"] == 0.5
-    assert rec["rewrite_prompts_probs"][0] == {"target_new": pytest.approx(-lp("in", "London"), abs=1e-6),
-                                               "target_true": pytest.approx(-lp("in", "Paris"), abs=1e-6)}
+    # the seed's names: target_new_prob / target_true_prob are mean NLLs; correct: teacher-forced argmax
+    assert rec["rewrite_prompts_probs"][0] == {"target_new_prob": pytest.approx(-lp("in", "London"), abs=1e-6),
+                                               "target_true_prob": pytest.approx(-lp("in", "Paris"), abs=1e-6),
+                                               "correct": False}
+    assert [x["correct"] for x in rec["paraphrase_prompts_probs"]] == [True, False]  # London expected
+    assert [x["correct"] for x in rec["neighborhood_prompts_probs"]] == [True, False]  # Paris (true) expected
+    # the seed's *_prompts_correct is its generation check: absent unless asked for (sliding=True)
+    assert not any(k.endswith("_prompts_correct") for k in rec)
     assert "ngram_entropy" not in rec  # no generation prompts
+
+
+def test_sliding_correct_is_the_seeds_generation_check(bigram: Any) -> None:
+    """The seed's *_prompts_correct (eval_utils_counterfact.py): the expected target string occurs in the
+    greedy text after the prompt, prompt and continuation 50 tokens together (generate_fast's max_out_len)."""
+    model, tok = GreedyBigramLM().eval(), bigram[1]
+    case = cf_case(paraphrase_prompts=("The tower lies near", "The tower is in"),
+                   neighborhood_prompts=("Rome is in", "The tower lies near"))
+    rec = evaluate_counterfact_case(model, tok, case, sliding=True)
+    # greedy: "... in" → "Paris", "... near" → "London"; new target London, neighbours keep Paris
+    assert rec["rewrite_prompts_correct"] == [False]
+    assert rec["paraphrase_prompts_correct"] == [True, False]
+    assert rec["neighborhood_prompts_correct"] == [True, False]
+    assert rec["es"] == evaluate_counterfact_case(model, tok, case)["es"]  # the other metrics are unchanged
+    # the prompt's tokens count towards max_len: a 4-token prompt with max_len 4 generates nothing
+    assert sliding_correct(model, tok, ["The tower lies near"] * 2, ["London"] * 2, max_len=4) == [False, False]
+    assert sliding_correct(model, tok, ["The tower lies near"], ["London"], max_len=5) == [True]
+    assert sliding_correct(model, tok, ["The tower lies near"], ["tower"]) == [False]  # only the text after the prompt
 
 
 def test_ties_count_as_failures_for_efficacy_and_neighbourhood(bigram: Any) -> None:
@@ -168,7 +203,7 @@ def test_ties_count_as_failures_for_efficacy_and_neighbourhood(bigram: Any) -> N
     case = cf_case(prompt="The {} lies", paraphrase_prompts=("The tower lies",), neighborhood_prompts=("Rome lies",))
     rec = evaluate_counterfact_case(model, tok, case)
     probs = rec["rewrite_prompts_probs"][0]
-    assert probs["target_new"] == probs["target_true"]  # an exact tie
+    assert probs["target_new_prob"] == probs["target_true_prob"]  # an exact tie
     assert rec["es"] == 0.0 and rec["ps"] == 0.0 and rec["ns"] == 0.0
     assert rec["em"] == 0.0 and rec["nm"] == 0.0
 
@@ -178,7 +213,7 @@ def test_multi_token_targets_in_counterfact(bigram: Any) -> None:
     case = cf_case(target_new="New York", paraphrase_prompts=("The tower lies near",), neighborhood_prompts=())
     rec = evaluate_counterfact_case(model, tok, case)
     nll_new = -(lp("in", "New") + lp("New", "York")) / 2
-    assert rec["rewrite_prompts_probs"][0]["target_new"] == pytest.approx(nll_new, abs=1e-6)
+    assert rec["rewrite_prompts_probs"][0]["target_new_prob"] == pytest.approx(nll_new, abs=1e-6)
     assert rec["es"] == float(nll_new < -lp("in", "Paris"))
     assert rec["ns"] is None and rec["nm"] is None  # no neighbour prompts
     assert "ns" not in summarize([rec]) and "score" not in summarize([rec])
@@ -189,7 +224,7 @@ def test_neighbourhood_uses_the_neighbour_answer(bigram: Any) -> None:
     # Neighbour answer "Rome" after "in?" (logit 2) beats the new target London (logit 0).
     case = cf_case(neighborhood_prompts=("Where in?",), neighborhood_target="Rome")
     rec = evaluate_counterfact_case(model, tok, case)
-    assert rec["neighborhood_prompts_probs"][0]["target_true"] == pytest.approx(-lp("in?", "Rome"), abs=1e-6)
+    assert rec["neighborhood_prompts_probs"][0]["target_true_prob"] == pytest.approx(-lp("in?", "Rome"), abs=1e-6)
     assert rec["ns"] == 1.0 and rec["neighborhood_acc"] == 1.0
 
 
@@ -217,10 +252,12 @@ def test_zsre_token_accuracies_on_a_hand_made_case(bigram: Any) -> None:
                     alt="New York", answers=("Paris",), loc="Where in", loc_ans="Rome", convention="alt")
     (rec,) = evaluate_zsre_cases(model, tok, [case])
     assert rec["case_id"] == 4
-    assert rec["rewrite_correct"] == [False, True]  # New after "in": no (Paris); York after New: yes
+    # the seed's names (eval_utils_zsre.py): per-token teacher-forced argmax of the rewrite, paraphrase, neighbour
+    assert rec["rewrite_prompts_correct"] == [False, True]  # New after "in": no (Paris); York after New: yes
     assert rec["efficacy"] == 0.5
-    assert rec["paraphrase_correct"] == [False, True]  # after "near" London wins, then York
-    assert rec["neighborhood_correct"] == [True]  # loc + "?" ends in the token "in?", whose argmax is Rome
+    assert rec["paraphrase_prompts_correct"] == [False, True]  # after "near" London wins, then York
+    assert rec["neighborhood_prompts_correct"] == [True]  # loc + "?" ends in the token "in?", whose argmax is Rome
+    assert not {"rewrite_correct", "paraphrase_correct", "neighborhood_correct"} & set(rec)  # the old names
     assert rec["specificity"] == 1.0
     s = summarize([rec])
     assert (s["efficacy"], s["generalization"], s["specificity"]) == (50.0, 50.0, 100.0)

@@ -12,8 +12,9 @@ import torch
 from fastmemit.editing import Editor, apply_deltas
 from fastmemit.errors import DeltaMismatchError, RunError
 from fastmemit.eval import RunConfig
-from fastmemit.eval.config import stored_config
+from fastmemit.eval.config import config_differences, stored_config
 from fastmemit.eval.run_folder import GroupLog, RunFolder
+from fastmemit.methods import EditHparams
 from fastmemit.models.arch import mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
@@ -93,3 +94,25 @@ def test_checkpoint_reapplies_the_edited_weights_exactly(tmp_path, tokenizer):
         folder.checkpoint.restore(3, tiny_llm("llama", len(tokenizer)), w0, base_fp, editor=None)
     with pytest.raises(DeltaMismatchError):
         folder.checkpoint.restore(2, tiny_llm("llama", len(tokenizer), seed=1), w0, base_fp, editor=None)
+
+
+def test_a_run_stored_before_new_hparams_fields_continues_and_a_changed_field_is_refused(tmp_path):
+    """Fields a later fastmemit adds (with the old behaviour as default) are absent from an older run's
+    stored hparams: at their defaults they compare equal; a value that really changed is named."""
+    hp = EditHparams(layers=[0]).to_dict()
+    newer = ("v_early_stop", "v_site", "v_max_rows", "recompute_stats", "emmet_ridge_one_edit")
+    old_hp = {k: v for k, v in hp.items() if k not in newer}
+    cfg = RunConfig(edits_per_batch=2)
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        folder.open(stored_config(cfg, folder.path, method="EMMET", hparams=old_hp, base_fingerprint="fp", case_ids=[1]))
+        (folder.path / "cases.jsonl").write_text('{"batch": 0, "case_id": 1}\n')
+        now = stored_config(cfg, folder.path, method="EMMET", hparams=hp, base_fingerprint="fp", case_ids=[1])
+        assert folder.open(now) is True
+        assert config_differences(folder.stored_config(), now) == []
+        changed = stored_config(cfg, folder.path, method="EMMET", hparams={**hp, "v_early_stop": "loss"},
+                                base_fingerprint="fp", case_ids=[1])
+        with pytest.raises(RunError, match=r"hparams\.v_early_stop: 'nll' → 'loss'"):
+            folder.open(changed)
+        with pytest.raises(RunError, match=r"hparams\.mom2_update_weight: 15000\.0 → 1\.0"):
+            folder.open({**now, "hparams": {**hp, "mom2_update_weight": 1.0}})

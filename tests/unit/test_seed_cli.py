@@ -11,9 +11,10 @@ import pytest
 
 from fastmemit.cli import build_parser
 from fastmemit.cli.evaluate_cmd import build_config
-from fastmemit.errors import EditError
+from fastmemit.errors import DatasetError, EditError, RunError
 from fastmemit.eval import RunConfig
-from fastmemit.eval.runner import resolve_run_hparams
+from fastmemit.eval.datasets import load_seed_ordering
+from fastmemit.eval.runner import resolve_run_hparams, seed_samples_file
 from fastmemit.methods import get_method
 
 # the seed README's command (experiments/evaluate_unified_editing.py), model and hparams swapped for the offline ones
@@ -67,6 +68,26 @@ def test_without_the_seeds_ordering_file_the_default_is_the_files_order(cache, t
         cfg = config("--data", str(tmp_path / "cf.json"))
     assert cfg.sample_num is None and "using the dataset file's own order" in caplog.text
     assert config("--data", str(tmp_path / "cf.json"), "--sample_num", "0").sample_num == 0  # asked for: kept
+
+
+def test_sample_num_errors_are_one_line_naming_the_problem_and_the_fix(cache, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--sample_num", "first"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--sample_num" in err and "got 'first'" in err and "'none' for the dataset file's own order" in err
+    with pytest.raises(RunError, match=r"sample_num must be a non-negative integer .*--sample_num none\), got 'none'"):
+        RunConfig(sample_num="none")  # the flag's word is not a library value: None is
+    with pytest.raises(DatasetError) as e:
+        load_seed_ordering(cache / "counterfact_sampled_unique_cf_10_20000.json", 4)
+    assert "\n" not in str(e.value)
+    assert str(e.value) == ("counterfact_sampled_unique_cf_10_20000.json: no ordering '4' (--sample_num 4); it has 0: "
+                            "pass one of them, or --sample_num none for the dataset file's own order")
+    # asked for explicitly without the file: one line naming the file, where it was looked for and the fix
+    cfg = config("--data", str(tmp_path / "cf.json"), "--sample_num", "0", "--seed_samples", str(tmp_path / "none"))
+    with pytest.raises(DatasetError) as e:
+        seed_samples_file(cfg, tmp_path / "cf.json")
+    assert "\n" not in str(e.value) and "counterfact_sampled_unique_mcf_10_20000.json not found" in str(e.value)
+    assert "--seed_samples" in str(e.value)
 
 
 def test_hparams_fname_takes_the_seeds_file_names_for_each_method():

@@ -15,6 +15,7 @@ from fastmemit.cli.evaluate_cmd import build_config
 from fastmemit.errors import EditError
 from fastmemit.hparams_registry import available, builtin_hparams, load_hparams
 from fastmemit.methods import EditHparams, FTHparams, get_method
+from fastmemit.models.loading import resolve_model_path
 from tests.helpers import TESTS
 
 DATA = TESTS / "data" / "seed_hparams"
@@ -30,8 +31,10 @@ SEED_EMMET_GPT2_XL = {
     "skill_preservation": False, "skill_lambda": 1, "skill_sample_size": 10000, "random_vector_preservation": False,
     "proj_dim": 6400, "identity_cov": False,
 }
-# what the seed's code hard-codes for such a file: 6 context templates, the ridge only for more than one edit
-SEED_HARD_CODED = {"context_template_length_params": [[10, 5]], "emmet_ridge_one_edit": False}
+# what the seed's code hard-codes for such a file: 6 context templates, the ridge only for more than one edit,
+# v* stopped once the total loss is below 5e-2 (compute_z.py / compute_v.py: `if loss < 5e-2: break`)
+SEED_HARD_CODED = {"context_template_length_params": [[10, 5]], "emmet_ridge_one_edit": False,
+                   "v_early_stop": "loss", "v_early_stop_nll": 0.05}
 
 
 def test_load_hparams_is_public_and_gives_the_seeds_emmet_gpt2_xl_on_every_maths_field():
@@ -61,6 +64,31 @@ def test_load_hparams_is_public_and_gives_the_seeds_emmet_gpt2_xl_on_every_maths
 ])
 def test_builtins_by_the_seeds_file_names(method, name, field, value):
     assert getattr(load_hparams(name, method), field) == value
+
+
+@pytest.mark.parametrize("name", ["Llama-2-7b", "Llama-2-7b.json", "meta-llama/Llama-2-7b-hf",
+                                  "meta-llama/Llama-2-7b-hf.json", "meta-llama_Llama-2-7b-hf.json"])
+@pytest.mark.parametrize("method", ["EMMET", "MEMIT"])
+def test_the_seeds_llama_model_names_reach_its_llama2_file(name, method):
+    """The seed's --model_name (Llama-2-7b) and the hub id name its llama2-7b.json as well."""
+    assert load_hparams(name, method) == load_hparams("llama2-7b.json", method) == builtin_hparams(method, "llama-2-7b")
+    assert builtin_hparams(method, name.removesuffix(".json")) == load_hparams("llama2-7b", method)
+
+
+def test_hub_ids_of_known_models_name_their_builtins_and_folders_still_come_first():
+    assert load_hparams("EleutherAI/gpt-j-6B", "EMMET") == load_hparams("EleutherAI_gpt-j-6B.json", "EMMET")
+    assert load_hparams("openai-community/gpt2-xl", "MEMIT") == load_hparams("gpt2-xl", "MEMIT")
+    assert load_hparams("EleutherAI/gpt-j-6B_constr", "FT") == load_hparams("gpt-j-6b_constr", "FT")
+    assert load_hparams("FastEMMET/gpt2-xl", "EMMET").dynamic is True  # FOLDER/name as before
+    with pytest.raises(EditError, match="no built-in EMMET hparams named 'someone/gpt2-xl'"):
+        load_hparams("someone/gpt2-xl", "EMMET")
+
+
+def test_the_seeds_llama_model_name_is_a_model_alias(tmp_path, monkeypatch):
+    assert resolve_model_path("Llama-2-7b") == "meta-llama/Llama-2-7b-hf"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Llama-2-7b").mkdir()  # the seed's local folder of that name wins, as there
+    assert resolve_model_path("Llama-2-7b") == "Llama-2-7b"
 
 
 def test_the_seeds_models_default_to_its_values_and_smollm2_keeps_ours():
@@ -95,9 +123,10 @@ def test_a_builtin_name_comes_before_a_file_of_that_name_as_in_the_seed(tmp_path
 LOADS = {  # fixture file -> (method, expected values)
     "EMMET/fast-gpt2.json": ("EMMET", {"dynamic": True, "dynamic_multiplier": 2.0, "proj_dim": 64, **SEED_HARD_CODED}),
     "EMMET/unified-gpt2.json": ("EMMET", {"dynamic": False, "emmet_lambda": 0.1, **SEED_HARD_CODED}),
-    "MEMIT/fast-llama.json": ("MEMIT", {"update_norm_lambda": 0.01, "context_template_length_params": [[10, 5]]}),
+    "MEMIT/fast-llama.json": ("MEMIT", {"update_norm_lambda": 0.01, "context_template_length_params": [[10, 5]],
+                                        "v_early_stop": "loss"}),
     "ROME/gpt2.json": ("ROME", {"bias_update": False, "dynamic": False,
-                                "context_template_length_params": [[5, 2], [10, 2]]}),
+                                "context_template_length_params": [[5, 2], [10, 2]], "v_early_stop": "loss"}),
     "FT/gpt2_constr.json": ("FT", {"norm_constraint": 5e-4, "ft_loss": "next_token", "batch_size": 64}),
     "FT/gpt2_unconstr.json": ("FT", {"norm_constraint": False, "weight_decay": 0.0}),
 }
@@ -145,10 +174,25 @@ def test_hard_coded_research_values_only_for_research_files(tmp_path):
     ours.write_text(json.dumps({**research, "stats_seq_len": 128}))  # names a fastmemit field: ours
     hp = EditHparams.from_json(ours)
     assert (hp.context_template_length_params, hp.emmet_ridge_one_edit) == ([[5, 10], [10, 10]], True)
+    assert hp.v_early_stop == "nll"
     assert EditHparams.from_dict(research).emmet_ridge_one_edit is True  # a dict is not a file
     assert EditHparams.is_research_file(research) and not EditHparams.is_research_file({"stats_corpus": None})
     ft = FTHparams.from_json(DATA / "FT/gpt2_constr.json")
     assert ft.context_template_length_params == [] and ft.ft_loss == "next_token"
+
+
+def test_a_seed_emmet_file_gets_the_seeds_v_star_rules():
+    """The seed's v* numerics from its file alone: the total-loss stop at 5e-2, δ at the block output for
+    EMMET/MEMIT (compute_z.py: layer_module_tmp) and at the MLP output for ROME (compute_v.py: mlp_module_tmp)."""
+    hp = load_hparams(DATA / "EMMET/fast-gpt2.json", "EMMET")
+    assert (hp.v_early_stop, hp.v_early_stop_nll, hp.v_site, hp.v_max_rows) == ("loss", 0.05, "auto", 0)
+    assert get_method("EMMET").value_site == get_method("MEMIT").value_site == "block"
+    assert get_method("ROME").value_site == "matrix"
+    assert load_hparams("gpt2-xl.json", "EMMET").v_early_stop == "loss"  # the built-in seed file too
+    # fastmemit's own files keep the NLL rule they were tuned with
+    assert {builtin_hparams(m, "smollm2-135m").v_early_stop for m in ("EMMET", "MEMIT", "ROME")} == {"nll"}
+    assert {builtin_hparams(m, "gemma3-270m").v_early_stop for m in ("EMMET", "MEMIT", "ROME")} == {"nll"}
+    assert builtin_hparams("EMMET", "gemma3-270m").emmet_ridge_one_edit is False  # as before the v_early_stop field
 
 
 # ----------------------------------------------------------------------------- dynamic_multiplier

@@ -72,7 +72,13 @@ def _default(name: str) -> Any:
 
 def _sample_num(s: str) -> int | str:
     """--sample_num: an ordering K ≥ 0, or 'none' for the dataset file's own order."""
-    return "none" if s.strip().lower() == "none" else non_negative_int(s)
+    if s.strip().lower() == "none":
+        return "none"
+    try:
+        return non_negative_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an ordering K ≥ 0 of the seed-samples file, or 'none' for the "
+                                         f"dataset file's own order, got {s!r}") from None
 
 
 def _recompute(s: str) -> bool | str:

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastmemit.errors import RunError
+from fastmemit.errors import EditError, RunError
 from fastmemit.eval.datasets import ZSRE_CONVENTIONS
+from fastmemit.methods import get_method
 from fastmemit.utils import read_json
 
 RUN_FORMAT = 1  # "format" of config.json
@@ -152,6 +153,9 @@ class RunConfig:
     show_progress: bool = _f(True, "progress bars (FASTMEMIT_PROGRESS=0 silences them too)")
 
     def __post_init__(self) -> None:
+        if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
+            raise RunError(f"sample_num must be a non-negative integer (an ordering of the seed-samples file) or "
+                           f"None (the dataset file's own order; --sample_num none), got {self.sample_num!r:.60}")
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
         if self.dataset not in DATASETS:
@@ -162,8 +166,6 @@ class RunConfig:
                 raise RunError(f"{field_label(name)} must be a positive integer, got {v!r}")
         if self.dataset_size_limit is not None and (not _is_int(self.dataset_size_limit) or self.dataset_size_limit < 1):
             raise RunError(f"dataset_size_limit must be a positive integer or None, got {self.dataset_size_limit!r}")
-        if self.sample_num is not None and (not _is_int(self.sample_num) or self.sample_num < 0):
-            raise RunError(f"sample_num must be a non-negative integer or None, got {self.sample_num!r}")
         if self.zsre_convention not in ZSRE_CONVENTIONS:
             raise RunError(f"zsre_convention must be one of {', '.join(ZSRE_CONVENTIONS)}, got {self.zsre_convention!r}")
         if self.save_model_format not in ("deltas", "full"):
@@ -312,13 +314,27 @@ def with_added_fields(run: Mapping[str, Any]) -> dict[str, Any]:
 def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a stored config that must be equal for a restart to continue the run (the
     settings by field name, whichever names the file uses; a field the file predates has the value the
-    version that wrote it used (:data:`ADDED_FIELDS`) or its default; the zsRE convention only for zsRE)."""
+    version that wrote it used (:data:`ADDED_FIELDS`) or its default; the zsRE convention only for zsRE;
+    the hparams with the fields they predate at their defaults: :func:`hparams_identity`)."""
     run = {**_DEFAULTS, **renamed(with_added_fields(config_json.get("run", {})))}
     if run.get("dataset") != "zsre":
         run.pop("zsre_convention", None)
     return {"format": config_json.get("format"), "run": {k: v for k, v in run.items() if k not in RUNTIME_FIELDS},
-            "method": config_json.get("method"), "hparams": config_json.get("hparams"),
+            "method": config_json.get("method"), "hparams": hparams_identity(config_json),
             "base_fingerprint": config_json.get("base_fingerprint"), "case_ids": config_json.get("case_ids")}
+
+
+def hparams_identity(config_json: Mapping[str, Any]) -> Any:
+    """A stored config's resolved hparams, every field of the method's hparams class that they lack (a
+    field added by a later fastmemit) at its default: new fields default to the behaviour before them,
+    so an older run compares equal unless a value really changed. As stored for a method this version
+    does not know."""
+    hp = config_json.get("hparams")
+    try:
+        cls = get_method(str(config_json.get("method"))).hparams_cls
+    except EditError:
+        return hp
+    return {**cls.defaults(), **hp} if isinstance(hp, Mapping) else hp
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

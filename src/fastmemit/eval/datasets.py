@@ -372,7 +372,8 @@ def load_seed_ordering(path: str | os.PathLike[str], sample_num: int = 0) -> lis
         raise DatasetError(f"{p.name}: expected an object {{\"0\": [case ids], ...}}, got {type(data).__name__}")
     key = str(sample_num)
     if key not in data:
-        raise DatasetError(f"{p.name}: no ordering {key!r} (sample_num); available: {', '.join(sorted(data, key=str))}")
+        raise DatasetError(f"{p.name}: no ordering {key!r} (--sample_num {key}); it has {', '.join(sorted(data, key=str))}: "
+                           "pass one of them, or --sample_num none for the dataset file's own order")
     ids = data[key]
     if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
         raise DatasetError(f"{p.name}: ordering {key!r} must be a list of integer case ids")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ COUNTERFACT_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "rewrite_acc", "paraphra
                     "ngram_entropy", "reference_score")
 ZSRE_KEYS = ("efficacy", "generalization", "specificity")
 SCORE_PARTS = ("es", "ps", "ns")
+# Tokens of prompt and continuation together in the seed's sliding check (generate_fast's max_out_len).
+SLIDING_MAX_LEN = 50
 
 # The word :func:`encode_target` puts before a target: the target's ids as they follow a word.
 _TARGET_REF = "a"
@@ -180,6 +183,7 @@ def evaluate_counterfact_cases(
     max_new_tokens: int = 100,
     snippets: Mapping[tuple[str, str], Sequence[Mapping[str, str]]] | None = None,
     tfidf: TfidfTable | None = None,
+    sliding: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-case CounterFact metrics of ``model`` (call before and after editing for pre/post).
 
@@ -192,6 +196,11 @@ def evaluate_counterfact_cases(
       neighbours' answer;
     - ``rewrite_acc``/``paraphrase_acc``/``neighborhood_acc``: every token of the expected target
       (new, new, true) is the argmax;
+    - ``rewrite_prompts_probs``/``paraphrase_prompts_probs``/``neighborhood_prompts_probs``: per prompt,
+      as the seed names them: ``target_new_prob``/``target_true_prob`` (mean token NLLs, not
+      probabilities, as in the seed) and ``correct`` (every token of the expected target the argmax);
+    - with ``sliding``: ``rewrite_prompts_correct``/``paraphrase_prompts_correct``/
+      ``neighborhood_prompts_correct``, the seed's generation check (:func:`sliding_correct`), per prompt;
     - with ``generation`` and generation prompts: ``ngram_entropy`` (mean over the prompts' greedy
       generations); with ``snippets`` and ``tfidf`` too: ``reference_score`` (tf-idf cosine between
       all generations and the attribute snippets of the new target).
@@ -199,6 +208,8 @@ def evaluate_counterfact_cases(
     prompts, targets, spans = _counterfact_pairs(cases)
     scores = score_targets(model, tok, prompts, targets, batch_size=batch_size)
     records = [_counterfact_record(c, span, scores) for c, span in zip(cases, spans)]
+    if sliding:
+        _add_sliding(model, tok, cases, records, batch_size)
     if generation and any(c.generation_prompts for c in cases):
         _add_generation_metrics(model, tok, cases, records, batch_size, max_new_tokens, snippets, tfidf)
     return records
@@ -226,21 +237,58 @@ def _counterfact_pairs(cases: Sequence[CounterFactCase]) -> tuple[list[str], lis
 
 
 def _counterfact_record(c: CounterFactCase, span: Mapping[str, tuple[int, int]], scores: Sequence[Any]) -> dict[str, Any]:
-    """One case's probabilities, correctness and ES/EM/PS/PM/NS/NM from its scored pairs."""
+    """One case's ``*_prompts_probs`` (the seed's keys: mean NLLs and teacher-forced correctness) and
+    ES/EM/PS/PM/NS/NM and the accuracies from its scored pairs."""
     rec: dict[str, Any] = {"case_id": c.case_id}
     for name, (a, b) in span.items():
         new = scores[a:b:2]
         true = scores[a + 1 : b : 2]
-        rec[f"{name}_prompts_probs"] = [{"target_new": n.nll, "target_true": t.nll} for n, t in zip(new, true)]
         expected = true if name == "neighborhood" else new
-        rec[f"{name}_prompts_correct"] = [s.all_correct for s in expected]
+        rec[f"{name}_prompts_probs"] = [{"target_new_prob": n.nll, "target_true_prob": t.nll, "correct": e.all_correct}
+                                        for n, t, e in zip(new, true, expected)]
     for name, succ, mag in (("rewrite", "es", "em"), ("paraphrase", "ps", "pm"), ("neighborhood", "ns", "nm")):
         probs = rec[f"{name}_prompts_probs"]
         sign = -1.0 if name == "neighborhood" else 1.0  # neighbours should keep the true answer
-        rec[succ] = _mean([float((sign * (x["target_true"] - x["target_new"])) > 0) for x in probs])  # strict: tie fails
-        rec[mag] = _mean([sign * (math.exp(-x["target_new"]) - math.exp(-x["target_true"])) for x in probs])
-        rec[f"{name}_acc"] = _mean([float(v) for v in rec[f"{name}_prompts_correct"]])
+        nll_new, nll_true = [x["target_new_prob"] for x in probs], [x["target_true_prob"] for x in probs]
+        rec[succ] = _mean([float((sign * (t - n)) > 0) for n, t in zip(nll_new, nll_true)])  # strict: tie fails
+        rec[mag] = _mean([sign * (math.exp(-n) - math.exp(-t)) for n, t in zip(nll_new, nll_true)])
+        rec[f"{name}_acc"] = _mean([float(x["correct"]) for x in probs])
     return rec
+
+
+def sliding_correct(model: nn.Module, tok: Any, prompts: Sequence[str], expected: Sequence[str], *,
+                    max_len: int = SLIDING_MAX_LEN, batch_size: int = 16) -> list[bool]:
+    """The seed's ``*_prompts_correct`` of CounterFact: whether ``expected[i]`` occurs in the greedy
+    text after ``prompts[i]`` when prompt and continuation together are ``max_len`` tokens (the seed's
+    ``generate_fast(prompts, top_k=1, max_out_len=50)``, no stop at the end-of-sequence token, its
+    text clean-up, then ``expected in text[len(prompt):]``)."""
+    rows = [encode_prompt(tok, p) for p in prompts]
+    n_new = max(max_len - min(len(r) for r in rows), 1) if rows else 0
+    out = greedy_generate(model, rows, n_new, pad=pad_id(tok), batch_size=batch_size) if rows else None
+    hits = []
+    for k, (p, r, e) in enumerate(zip(prompts, rows, expected)):
+        cont = out.tokens[k][: max(max_len - len(r), 0)] if out is not None else []
+        text = unicodedata.normalize("NFKD", tok.decode(list(r) + list(cont), skip_special_tokens=True))
+        hits.append(e in text.replace("\n\n", " ").strip()[len(p):])
+    return hits
+
+
+def _add_sliding(model: nn.Module, tok: Any, cases: Sequence[CounterFactCase], records: list[dict[str, Any]],
+                 batch_size: int) -> None:
+    """The seed's ``rewrite/paraphrase/neighborhood_prompts_correct`` (:func:`sliding_correct`) added to
+    ``records``: every prompt of every case generated in shared batches."""
+    prompts: list[str] = []
+    expected: list[str] = []
+    for c in cases:
+        for ps, target in (((c.rewrite_prompt,), c.target_new), (c.paraphrase_prompts, c.target_new),
+                           (c.neighborhood_prompts, c.neighborhood_target)):
+            prompts += list(ps)
+            expected += [target] * len(ps)
+    hits = iter(sliding_correct(model, tok, prompts, expected, batch_size=batch_size))
+    for c, rec in zip(cases, records):
+        for name, ps in (("rewrite", (c.rewrite_prompt,)), ("paraphrase", c.paraphrase_prompts),
+                         ("neighborhood", c.neighborhood_prompts)):
+            rec[f"{name}_prompts_correct"] = [next(hits) for _ in ps]
 
 
 def _add_generation_metrics(model: nn.Module, tok: Any, cases: Sequence[CounterFactCase], records: list[dict[str, Any]],
@@ -282,7 +330,9 @@ def evaluate_zsre_cases(
     ``efficacy`` (the case's ``target_new`` after ``src``), ``generalization`` (``target_new`` after
     ``rephrase``), ``specificity`` (``loc_ans`` after the case's ``neighborhood_prompt``). The case's
     convention sets both (``answers[0]`` and the cleaned ``loc`` + "?" by default, as the seed).
-    Lists of per-token results are kept under ``*_correct``.
+    Lists of per-token results are kept under the seed's names ``rewrite_prompts_correct``,
+    ``paraphrase_prompts_correct``, ``neighborhood_prompts_correct`` (earlier run folders:
+    ``rewrite_correct``, ``paraphrase_correct``, ``neighborhood_correct``; nothing reads them back).
     """
     prompts: list[str] = []
     targets: list[str] = []
@@ -295,9 +345,9 @@ def evaluate_zsre_cases(
         rw, para, loc = scores[3 * k : 3 * k + 3]
         records.append({
             "case_id": c.case_id,
-            "rewrite_correct": list(rw.correct),
-            "paraphrase_correct": list(para.correct),
-            "neighborhood_correct": list(loc.correct),
+            "rewrite_prompts_correct": list(rw.correct),
+            "paraphrase_prompts_correct": list(para.correct),
+            "neighborhood_prompts_correct": list(loc.correct),
             "efficacy": _mean([float(x) for x in rw.correct]),
             "generalization": _mean([float(x) for x in para.correct]),
             "specificity": _mean([float(x) for x in loc.correct]),

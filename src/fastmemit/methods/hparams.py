@@ -9,8 +9,12 @@ with ``_`` (comments, provenance) are ignored.
 is one of the research code's, :data:`RESEARCH_FIELDS`) is read as a research-code file, e.g. one of
 the seed's (scalable-model-editing/efficient-model-editing) or unified-model-editing's: the fields it
 leaves out take the value the research code hard-codes (:attr:`EditHparams.research_defaults`: the
-six context templates ``[[10, 5]]`` of MEMIT/EMMET, EMMET's ridge only for more than one edit), not
-fastmemit's default. Objects built in Python, dicts and files that name any fastmemit field keep
+six context templates ``[[10, 5]]`` of MEMIT/EMMET, EMMET's ridge only for more than one edit, v*
+stopped by the total loss), not fastmemit's default. The research code's other v* choices are
+fastmemit's defaults already: the threshold 5e-2 (``v_early_stop_nll``), δ at the block output for
+MEMIT/EMMET/AlphaEdit and at the MLP output for ROME (``v_site = "auto"``); ``v_max_rows`` only bounds
+memory (the research code optimizes one request at a time, fastmemit all together: each request's
+δ has its own loss and Adam state either way). Objects built in Python, dicts and files that name any fastmemit field keep
 fastmemit's defaults. docs/seed-compat.md lists every research field and what it does here.
 """
 
@@ -123,6 +127,7 @@ class EditHparams:
     research_defaults: ClassVar[dict[str, Any]] = {
         "context_template_length_params": [[10, 5]],  # MEMIT/EMMET/AlphaEdit hard-code [(10, 5)]: 6 templates
         "emmet_ridge_one_edit": False,  # the seed's emmet_main.py: `if D.shape[0] > 1`
+        "v_early_stop": "loss",  # compute_v / compute_z: `if loss < 5e-2: break` (v_early_stop_nll's default)
     }
     # research-code values that fastmemit does not implement: field -> (accepted values, why)
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
@@ -227,6 +232,12 @@ class EditHparams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, as :meth:`to_dict` writes it (the values of fields a stored dict predates)."""
+        return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)}
 
     def replace(self: T, **changes: Any) -> T:
         """A copy with ``changes``. Setting ``dynamic_multiplier`` without ``dynamic`` turns dynamic on (the

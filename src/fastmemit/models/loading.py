@@ -96,6 +96,7 @@ HUB_ALIASES: dict[str, str] = {
     "EleutherAI_gpt-j-6B": "EleutherAI/gpt-j-6B",
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "Llama-2-7b": "meta-llama/Llama-2-7b-hf",  # the seed's --model_name (a local folder there; one here wins too)
 }
 
 DEFAULT_MODEL = "smollm2-135m"
