@@ -29,19 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from fastmemit.errors import RunError
-from fastmemit.eval.datasets import ZSRE_CONVENTIONS
+from fastmemit.eval.datasets import EVAL_DATASETS, ZSRE_CONVENTIONS
 from fastmemit.utils import read_json
 
 RUN_FORMAT = 1  # "format" of config.json
-
-# Built-in short names → (loader name, seed-ordering file).
-DATASETS: dict[str, tuple[str, str]] = {
-    "cf": ("counterfact", "counterfact_sampled_unique_cf_10_20000.json"),
-    "counterfact": ("counterfact", "counterfact_sampled_unique_cf_10_20000.json"),
-    "mcf": ("mcf", "counterfact_sampled_unique_mcf_10_20000.json"),
-    "multi_counterfact": ("mcf", "counterfact_sampled_unique_mcf_10_20000.json"),
-    "zsre": ("zsre", "zsre_sampled_unique_10_10000.json"),
-}
 
 ALL_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu,nli,sentiment_analysis,dialogue"
 
@@ -154,8 +145,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
-        if self.dataset not in DATASETS:
-            raise RunError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.dataset not in EVAL_DATASETS:
+            raise RunError(f"dataset must be one of {', '.join(EVAL_DATASETS)}, got {self.dataset!r}")
         for name in _POSITIVE:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:

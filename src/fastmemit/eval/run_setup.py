@@ -16,8 +16,9 @@ import fastmemit
 from fastmemit.downstream import TaskFlags, get_task, load_task_data, parse_task_flags
 from fastmemit.editing import Editor, resolve_hparams
 from fastmemit.errors import EditError, FastMemitError, RunError
-from fastmemit.eval.config import DATASETS, RunConfig, stored_config
+from fastmemit.eval.config import RunConfig, stored_config
 from fastmemit.eval.datasets import (
+    EVAL_DATASETS,
     CounterFactCase,
     DatasetError,
     TfidfTable,
@@ -49,7 +50,7 @@ Case = CounterFactCase | ZsreCase
 def seed_samples_file(cfg: RunConfig, data_path: Path | None) -> Path:
     """The seed-ordering file for ``cfg.dataset``: ``cfg.seed_samples`` (file or folder), else
     ``seed-samples/`` beside the dataset file, the dataset's folder, or ``<cache>/data/seed-samples``."""
-    fname = DATASETS[cfg.dataset][1]
+    fname = EVAL_DATASETS[cfg.dataset].ordering
     if cfg.seed_samples is not None:
         p = Path(cfg.seed_samples).expanduser()
         cands = [p / fname, p] if p.is_dir() else [p]
@@ -69,7 +70,7 @@ def seed_samples_file(cfg: RunConfig, data_path: Path | None) -> Path:
 def load_cases(cfg: RunConfig) -> list[Case]:
     """The run's cases in run order: ordering ``sample_num`` when given (else file order), at most
     ``dataset_size_limit``."""
-    loader = DATASETS[cfg.dataset][0]
+    loader = EVAL_DATASETS[cfg.dataset].loader
     data_path = Path(cfg.data).expanduser() if cfg.data is not None else None
     # without an ordering the first N records are the first N cases (zsRE: skipped records aside)
     head = cfg.dataset_size_limit if cfg.sample_num is None and loader != "zsre" else None
