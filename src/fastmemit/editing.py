@@ -293,7 +293,7 @@ class Editor:
         self.value_site = value_site(model, None if self.hp.v_site == "auto" else self.hp.v_site, self.method.value_site)
         self.seed, self.show_progress, self.use_cache = seed, show_progress, use_cache
         hp = self.hp
-        self.stats = PreservedStats.from_hparams(
+        self.stats = PreservedStats(
             model, tok, hp, corpus=corpus, seed=seed, cache_dir=stats_cache_dir, use_cache=use_cache,
             show_progress=show_progress, stats_device=stats_device, compute_device=solve_device)
         # devices (docs/scale.md): statistics, factors and method memory stay on the storage device; each
