@@ -46,6 +46,7 @@ from fastmemit.keys_values import (
     rewrite_rows,
     value_site,
 )
+from fastmemit.layer_memory import LayerMemory
 from fastmemit.lm import model_context, target_ids
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
 from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
@@ -190,6 +191,18 @@ class TargetCache:
                             m=None if any(m is None for m in ms) else torch.stack(ms))  # (B, d)
 
 
+def batch_targets(model: nn.Module, tok: Any, reqs: list[EditRequest], templates: list[str], last: int,
+                  hp: EditHparams, *, cache: TargetCache | None, site: str, show_progress: bool) -> TargetResult:
+    """z* (B, d) of the requests at layer ``last``: from ``cache`` where possible, the rest optimized together."""
+
+    def optimize(todo: list[EditRequest]) -> TargetResult:
+        return optimize_targets(model, tok, todo, templates, last, hp, show_progress=show_progress, site=site)
+
+    if cache is None:
+        return optimize(reqs)
+    return cache.targets(model, reqs, templates, last, hp, optimize, site)
+
+
 @dataclass
 class _Batch:
     """One ``Editor.edit`` call in progress: the weights it started from and the Δ summed so far."""
@@ -215,6 +228,21 @@ class _Batch:
     def deltas(self) -> dict[str, torch.Tensor]:
         return {name: self.totals[layer].to(p.dtype) for layer, (name, p) in self.params.items()}
 
+    def add_targets(self, t: TargetResult) -> None:
+        """v*'s time, final NLLs and steps for a group of requests."""
+        self.timings["v"] += t.seconds
+        self.info["v_nll"] += t.nll
+        self.info["v_steps"] += t.steps
+
+    def finish_diagnostics(self, states: Mapping[int, LayerState], fan_in_fan_out: bool) -> None:
+        """With diagnostics on: the per-layer rows (``info["diagnostics"]``) and their time, once every layer is written."""
+        if self.diag is None:
+            return
+        self.info["diagnostics"] = self.diag.finish(
+            {layer: (self.originals[name], p.detach()) for layer, (name, p) in self.params.items()},
+            states, fan_in_fan_out)
+        self.timings["diagnostics"] = self.diag.seconds
+
 
 class Editor:
     """Edits one model, batch after batch, keeping statistics, factors and method state.
@@ -225,8 +253,9 @@ class Editor:
     unless ``hparams.recompute_stats`` asks for them on the edited model before every batch, or, with
     ``'layer'``, for every layer after the batch's earlier layers are written, as the seed's ``dynamic``
     does; never when the method does not read them), z* from ``optimize_targets`` (through ``target_cache``,
-    a :class:`TargetCache` or a plain dict used as its storage), Δ from the method. The weights
-    of the edited layers when the Editor is created are kept as each :class:`LayerState`'s ``w0``.
+    a :class:`TargetCache` or a plain dict used as its storage), Δ from the method. Each layer's
+    :class:`LayerState` (statistics, factor, method memory, and ``w0``, the weight when the Editor is
+    created) is kept across batches by its :class:`~fastmemit.layer_memory.LayerMemory` (``memory``).
 
     Devices (docs/scale.md): ``stats_device`` is where the statistics accumulate and where they,
     the factors and the method's memory are kept (default: accumulated on each layer's device, kept
@@ -258,45 +287,27 @@ class Editor:
         self.model, self.tok = model, tok
         self.method: EditMethod = get_method(method)
         self.hp = resolve_hparams(self.method, hparams, model)
-        self._check_layers()
+        _check_edit_layers(model, self.hp, self.method)
         self.arch = get_arch(model)
         # where v* adds δ (checked here, before any statistics pass)
         self.value_site = value_site(model, None if self.hp.v_site == "auto" else self.hp.v_site, self.method.value_site)
         self.seed, self.show_progress, self.use_cache = seed, show_progress, use_cache
         hp = self.hp
-        self.stats = PreservedStats.from_hparams(
+        self.stats = PreservedStats(
             model, tok, hp, corpus=corpus, seed=seed, cache_dir=stats_cache_dir, use_cache=use_cache,
             show_progress=show_progress, stats_device=stats_device, compute_device=solve_device)
         # devices (docs/scale.md): statistics, factors and method memory stay on the storage device; each
         # layer's solve runs on the solve device, which holds one layer's matrices at a time
         self.solve_device = self.stats.compute_device
-        self.states: dict[int, LayerState] = {}
         self._templates: list[str] | None = None
         weights = _weight_params(model, hp.layers)
         check_resident(model, [name for name, _ in weights.values()], what="editing")
         # W0 of each edited layer (math orientation, weight's dtype and device): before any edit of this Editor
-        self.w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone() for layer, (_, p) in weights.items()}
+        w0 = {layer: as_math(p.detach(), self.arch.fan_in_fan_out).clone() for layer, (_, p) in weights.items()}
+        self.memory = LayerMemory(self.method, hp, self.stats, w0)  # statistics, factors, method memory per layer
         self.target_cache = TargetCache(target_cache) if isinstance(target_cache, dict) else target_cache
         self.diagnostics = diagnostics
         self._key_factors = KeyFactors(lambda mom2: self.method.preserved_matrix(self.hp, mom2))
-
-    def _check_layers(self) -> None:
-        try:
-            check_layers(self.model, self.hp.layers)
-        except ConfigurationError as e:  # an hparams problem: say which field
-            raise EditError(f"hparams.layers: {e}") from None
-        n = num_layers(self.model)
-        if self.hp.v_loss_layer not in (-1, n - 1) and not self.method.fits_weights:
-            raise EditError(
-                f"hparams.v_loss_layer = {self.hp.v_loss_layer}: the research code reads the v* loss from that layer "
-                f"through the final norm; fastmemit reads the model's own logits, which is the same only for the last "
-                f"layer ({n - 1}, what every published file sets) or -1"
-            )
-        if max(self.hp.layers) == n - 1 and self.hp.fact_token != "last" and not self.method.fits_weights:
-            raise EditError(
-                f"hparams.layers ends at the model's final layer ({max(self.hp.layers)}): a change at the subject "
-                "token there cannot reach the later target tokens; edit earlier layers"
-            )
 
     @property
     def stats_seconds(self) -> float:
@@ -311,121 +322,60 @@ class Editor:
         return self._templates
 
     def prepare_stats(self, force: bool = False, layers: Sequence[int] | None = None) -> None:
-        """Statistics (one pass over every edited layer that lacks them) and factors, as the method needs.
+        """Statistics and factors of the edited layers (``layers``; ``force``: recomputed): :meth:`LayerMemory.prepare`."""
+        self.memory.prepare(force, layers)
 
-        ``force``: recompute them on the model as it is now; the method carries its memory over.
-        ``layers``: only these (default: every edited layer).
-        """
-        layers = [layer for layer in (self.hp.layers if layers is None else layers) if force or layer not in self.states]
-        if not layers:
-            return
-        matrix = self.method.preserved(self.hp) if self.method.needs_factor else None
-        got = self.stats.layers(layers, mom2=self.method.needs_mom2(self.hp), matrix=matrix, recompute=force)
-        for layer in layers:
-            state = LayerState(layer, got[layer].mom2, got[layer].factor, w0=self.w0[layer])
-            old = self.states.get(layer)
-            if old is not None:  # the method's memory of earlier batches survives recomputed statistics
-                self.method.carry_over(old, state)
-            self.states[layer] = state
+    @property
+    def states(self) -> dict[int, LayerState]:
+        """The :class:`LayerState` of each edited layer prepared so far (kept by :class:`LayerMemory`)."""
+        return self.memory.states
 
     # --- the method's memory across batches (checkpoints) ---------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The method's memory of earlier batches, ``{"<layer>/<name>": tensor}`` on the CPU."""
-        return {f"{layer}/{k}": v.detach().cpu().contiguous() for layer, st in self.states.items()
-                for k, v in self.method.state_dict(st).items()}
+        return self.memory.state_dict()
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict` (statistics of the edited layers are prepared first if needed)."""
-        per_layer: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in state.items():
-            layer, _, name = key.partition("/")
-            if not layer.isdigit() or int(layer) not in self.hp.layers or name not in self.method.carried_state:
-                raise EditError(f"{self.method.name} state has an entry {key!r} that this editor does not keep")
-            per_layer.setdefault(int(layer), {})[name] = v
-        if per_layer and not self.states:
-            self.prepare_stats()
-        for layer, tensors in per_layer.items():  # on the storage device, beside the statistics
-            self.method.load_state_dict(self.states[layer], {k: v.to(self.stats.storage_device) for k, v in tensors.items()})
+        self.memory.load_state_dict(state)
 
     # --- the edit --------------------------------------------------------------------------
     def edit(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditResult:
-        reqs = [EditRequest.from_any(r) for r in requests]
-        if not reqs:
-            raise EditError("no edit requests given")
-        self.method.validate(self.hp, len(reqs))
+        reqs = _batch_requests(self.method, self.hp, requests)
         params = _weight_params(self.model, self.hp.layers)
         if self.method.fits_weights:
-            return self._fit(reqs, params)
+            return _fit(self.model, self.tok, self.method, self.hp, reqs, params)
         templates = self.templates()
         rows = rewrite_rows(self.tok, reqs, templates, self.hp.fact_token)  # the one tokenization; fails early
         _check_context(self.model, self.tok, reqs, rows)
         fingerprint = model_fingerprint(self.model)
         t_stats = self.stats.seconds
-        if not self._stats_per_layer:  # per layer: prepared in _edit_group, on the model as edited so far
-            self.prepare_stats(force=bool(self.hp.recompute_stats) and bool(self.states) and self.method.needs_mom2(self.hp))
+        self.memory.before_batch()
         batch = _Batch(params, {"stats": self.stats.seconds - t_stats, "v": 0.0, "solve": 0.0},
                        diag=BatchDiagnostics(self._key_factors) if self.diagnostics else None)
-        memory = {layer: dict(st.extra) for layer, st in self.states.items()}  # method memory before the batch
+        memory = self.memory.snapshot()  # the method's memory before the batch
         try:
-            for group, group_rows in self._groups(reqs, rows, len(templates)):
+            for group, group_rows in _request_groups(self.method, reqs, rows, len(templates)):
                 self._edit_group(group, group_rows, templates, batch)
-            if batch.diag is not None:
-                batch.info["diagnostics"] = batch.diag.finish(
-                    {layer: (batch.originals[name], p.detach()) for layer, (name, p) in params.items()},
-                    self.states, self.arch.fan_in_fan_out)
-                batch.timings["diagnostics"] = batch.diag.seconds
+            batch.finish_diagnostics(self.states, self.arch.fan_in_fan_out)
         except BaseException:
             write_weights(self.model, batch.originals)
-            for layer, extra in memory.items():  # e.g. AlphaEdit's keys of a batch that was never applied
-                self.states[layer].extra = extra
+            self.memory.rollback(memory)  # e.g. AlphaEdit's keys of a batch that was never applied
             raise
         return EditResult(batch.deltas(), self.method.name, self.hp.to_dict(), reqs, fingerprint, batch.timings,
                           batch.info, self.model, batch.originals)
-
-    @property
-    def _stats_per_layer(self) -> bool:
-        """``recompute_stats: 'layer'`` for a method that reads the statistics (the seed's ``dynamic``)."""
-        return self.hp.recompute_stats == "layer" and self.method.needs_mom2(self.hp)
-
-    def _fit(self, reqs: list[EditRequest], params: dict[int, tuple[str, nn.Parameter]]) -> EditResult:
-        """A method that fits its weights itself (``fits_weights``): its Δ per layer, written as every Δ is."""
-        fingerprint = model_fingerprint(self.model)
-        batch = _Batch(params, {"stats": 0.0, "v": 0.0, "solve": 0.0})
-        t0 = time.perf_counter()
-        try:
-            fit = self.method.fit_deltas(self.hp, self.model, self.tok, reqs, {k: n for k, (n, _) in params.items()})
-            for layer, delta in fit.deltas.items():
-                if not torch.isfinite(delta).all():
-                    raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
-                batch.add(self.model, layer, delta, fan_in_fan_out=False)  # Δ in the weight's stored orientation
-        except BaseException:
-            write_weights(self.model, batch.originals)
-            raise
-        batch.timings["solve"] = time.perf_counter() - t0
-        return EditResult(batch.deltas(), self.method.name, self.hp.to_dict(), reqs, fingerprint, batch.timings,
-                          fit.info, self.model, batch.originals)
-
-    def _groups(self, reqs: list[EditRequest], rows: list[PromptRow],
-                n_templates: int) -> list[tuple[list[EditRequest], list[PromptRow]]]:
-        """The batch as the method edits it: whole, or one request at a time (rows are request-major)."""
-        if not self.method.one_request_at_a_time:
-            return [(reqs, rows)]
-        return [([r], [replace(row, request=0) for row in rows[b * n_templates:(b + 1) * n_templates]])
-                for b, r in enumerate(reqs)]
 
     def _edit_group(self, reqs: list[EditRequest], rows: list[PromptRow], templates: list[str], batch: _Batch) -> None:
         """z* for the group, then for each layer in order: K, R, Δ from the method, applied."""
         layers = list(self.hp.layers)
         last = layers[-1]
-        t = self._targets(reqs, templates, last)
-        batch.timings["v"] += t.seconds
-        batch.info["v_nll"] += t.nll
-        batch.info["v_steps"] += t.steps
+        t = batch_targets(self.model, self.tok, reqs, templates, last, self.hp, cache=self.target_cache,
+                          site=self.value_site, show_progress=self.show_progress)
+        batch.add_targets(t)
         t0, t_stats = time.perf_counter(), self.stats.seconds
         diag_s = batch.diag.seconds if batch.diag is not None else 0.0
         for i, layer in enumerate(layers):
-            if self._stats_per_layer:  # the seed's dynamic: C0 of the model with this batch's earlier layers written
-                self.prepare_stats(force=True, layers=[layer])
+            self.memory.before_layer(layer)  # the seed's dynamic: C0 of the model with this batch's earlier layers written
             reads = read_layer(self.model, rows, len(reqs), len(templates), layer, last)  # K (d_k, B), H, M (B, d)
             R = layer_residual(self.model, layer, t, reads, len(layers) - i).to(self.solve_device)  # (d, B)
             K = reads.K.to(self.solve_device)
@@ -445,17 +395,64 @@ class Editor:
         batch.timings["stats"] += stats
         batch.timings["solve"] += time.perf_counter() - t0 - stats - diag_s
 
-    def _targets(self, reqs: list[EditRequest], templates: list[str], last: int) -> TargetResult:
-        """z* (B, d) of the requests: from ``target_cache`` where possible, the rest optimized together."""
-        site = self.value_site
 
-        def optimize(todo: list[EditRequest]) -> TargetResult:
-            return optimize_targets(self.model, self.tok, todo, templates, last, self.hp,
-                                    show_progress=self.show_progress, site=site)
+def _batch_requests(method: EditMethod, hp: EditHparams,
+                    requests: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+    """The requests of one edit call, each checked, and their number checked against the method."""
+    reqs = [EditRequest.from_any(r) for r in requests]
+    if not reqs:
+        raise EditError("no edit requests given")
+    method.validate(hp, len(reqs))
+    return reqs
 
-        if self.target_cache is None:
-            return optimize(reqs)
-        return self.target_cache.targets(self.model, reqs, templates, last, self.hp, optimize, site)
+
+def _check_edit_layers(model: nn.Module, hp: EditHparams, method: EditMethod) -> None:
+    """The hparams' layers fit the model and an edit there can work (EditError naming the field)."""
+    try:
+        check_layers(model, hp.layers)
+    except ConfigurationError as e:  # an hparams problem: say which field
+        raise EditError(f"hparams.layers: {e}") from None
+    n = num_layers(model)
+    if hp.v_loss_layer not in (-1, n - 1) and not method.fits_weights:
+        raise EditError(
+            f"hparams.v_loss_layer = {hp.v_loss_layer}: the research code reads the v* loss from that layer "
+            f"through the final norm; fastmemit reads the model's own logits, which is the same only for the last "
+            f"layer ({n - 1}, what every published file sets) or -1"
+        )
+    if max(hp.layers) == n - 1 and hp.fact_token != "last" and not method.fits_weights:
+        raise EditError(
+            f"hparams.layers ends at the model's final layer ({max(hp.layers)}): a change at the subject "
+            "token there cannot reach the later target tokens; edit earlier layers"
+        )
+
+
+def _fit(model: nn.Module, tok: Any, method: EditMethod, hp: EditHparams, reqs: list[EditRequest],
+         params: dict[int, tuple[str, nn.Parameter]]) -> EditResult:
+    """A method that fits its weights itself (``fits_weights``): its Δ per layer, written as every Δ is."""
+    fingerprint = model_fingerprint(model)
+    batch = _Batch(params, {"stats": 0.0, "v": 0.0, "solve": 0.0})
+    t0 = time.perf_counter()
+    try:
+        fit = method.fit_deltas(hp, model, tok, reqs, {k: n for k, (n, _) in params.items()})
+        for layer, delta in fit.deltas.items():
+            if not torch.isfinite(delta).all():
+                raise EditError(f"{method.name} produced a non-finite update at layer {layer}")
+            batch.add(model, layer, delta, fan_in_fan_out=False)  # Δ in the weight's stored orientation
+    except BaseException:
+        write_weights(model, batch.originals)
+        raise
+    batch.timings["solve"] = time.perf_counter() - t0
+    return EditResult(batch.deltas(), method.name, hp.to_dict(), reqs, fingerprint, batch.timings,
+                      fit.info, model, batch.originals)
+
+
+def _request_groups(method: EditMethod, reqs: list[EditRequest], rows: list[PromptRow],
+                    n_templates: int) -> list[tuple[list[EditRequest], list[PromptRow]]]:
+    """The batch as the method edits it: whole, or one request at a time (rows are request-major)."""
+    if not method.one_request_at_a_time:
+        return [(reqs, rows)]
+    return [([r], [replace(row, request=0) for row in rows[b * n_templates:(b + 1) * n_templates]])
+            for b, r in enumerate(reqs)]
 
 
 def layer_residual(model: nn.Module, layer: int, t: TargetResult, reads: LayerReads, remaining: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ One implementation of each thing the editing, evaluation and downstream code nee
 - **teacher-forced scoring**: :func:`score_continuations`, log-probabilities (and argmax hits) of
   given continuation ids after given contexts;
 - **greedy generation**: :func:`greedy_generate`, KV-cached, the same tokens as ``model.generate``
-  (:func:`generate_reference`, kept as the reference and for models whose forward takes no cache).
+  (``greedy_generate(..., reference=True)``, kept as the reference and for models whose forward takes no cache).
 
 Padding never changes what a real token computes: padded positions are masked out, so their ids
 and positions do not matter. Batching does change the last bits of float results (the shapes of
@@ -432,17 +432,18 @@ def greedy_generate(
     batch_size: int = 16,
     prefix: PrefixCache | None = None,
     first_tokens: Sequence[int] = (),
+    reference: bool = False,
 ) -> Generated:
     """Greedy decoding of token-id prompts with a KV cache: the tokens ``model.generate`` gives.
 
     Rows run in the given order in left-padded batches (rows starting with a shared ``prefix``
     first, after its cache); a batch stops when every row has produced an EOS or after
-    ``max_new_tokens``. Models whose forward takes no cache decode through :func:`generate_reference`.
+    ``max_new_tokens``. ``reference``: through ``model.generate`` instead (:func:`_generate_reference`,
+    the reference this is tested against; ``prefix`` unused), as models whose forward takes no cache do.
     """
     fwd = Forward(model)
-    if not fwd.can_cache:
-        return generate_reference(model, rows, max_new_tokens, pad=pad, eos=eos, batch_size=batch_size,
-                                  first_tokens=first_tokens)
+    if reference or not fwd.can_cache:
+        return _generate_reference(model, rows, max_new_tokens, pad, eos, batch_size, first_tokens)
     tokens: list[list[int]] = [[] for _ in rows]
     first = torch.empty((len(rows), len(first_tokens)), dtype=torch.float64)
     wanted = torch.tensor(list(first_tokens), dtype=torch.long, device=fwd.device)
@@ -475,17 +476,9 @@ def greedy_generate(
 
 
 @torch.no_grad()
-def generate_reference(
-    model: nn.Module,
-    rows: Sequence[Ids],
-    max_new_tokens: int,
-    *,
-    pad: int,
-    eos: frozenset[int] = frozenset(),
-    batch_size: int = 16,
-    first_tokens: Sequence[int] = (),
-) -> Generated:
-    """:func:`greedy_generate` through ``model.generate`` (the reference it is tested against)."""
+def _generate_reference(model: nn.Module, rows: Sequence[Ids], max_new_tokens: int, pad: int, eos: frozenset[int],
+                        batch_size: int, first_tokens: Sequence[int]) -> Generated:
+    """:func:`greedy_generate` through ``model.generate`` (``reference=True``: what it is tested against)."""
     from transformers import GenerationConfig  # heavy; only this reference path needs it
 
     device = model_device(model)

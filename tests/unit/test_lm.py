@@ -29,7 +29,6 @@ from fastmemit.keys_values import optimize_targets, v_rows
 from fastmemit.lm import (
     PrefixCache,
     eos_ids,
-    generate_reference,
     greedy_generate,
     lm_head,
     pad_id,
@@ -150,7 +149,7 @@ def test_greedy_generate_gives_the_tokens_of_model_generate(arch: str, tiny_mode
     model = _peaky(tiny_model, arch)
     rows = [tokenizer(t)["input_ids"] for t in TEXTS]
     pad = pad_id(tokenizer)
-    ref = generate_reference(model, rows, 10, pad=pad, batch_size=3, first_tokens=[5, 7])
+    ref = greedy_generate(model, rows, 10, pad=pad, batch_size=3, first_tokens=[5, 7], reference=True)
     got = greedy_generate(model, rows, 10, pad=pad, batch_size=3, first_tokens=[5, 7])
     assert got.tokens == ref.tokens and all(len(t) == 10 for t in got.tokens)
     torch.testing.assert_close(got.first_logprobs, ref.first_logprobs, atol=1e-5, rtol=0)
@@ -163,7 +162,7 @@ def test_greedy_generate_gives_the_tokens_of_model_generate(arch: str, tiny_mode
     i, j = max(((i, j) for i, t in enumerate(got.tokens) for j in range(len(t)) if t[j] not in t[:j]),
                key=lambda ij: ij[1])  # a token first produced as late as possible
     stop = frozenset({got.tokens[i][j]})
-    ref = generate_reference(model, rows, 10, pad=pad, eos=stop, batch_size=3)
+    ref = greedy_generate(model, rows, 10, pad=pad, eos=stop, batch_size=3, reference=True)
     cut = greedy_generate(model, rows, 10, pad=pad, eos=stop, batch_size=3)
     assert cut.tokens == ref.tokens and cut.tokens[i] == got.tokens[i][:j]
 
@@ -175,7 +174,7 @@ def test_greedy_generate_after_a_shared_prefix(tiny_model: Any, tokenizer: Any) 
     pad = pad_id(tokenizer)
     pc = PrefixCache(model, [prefix], pad, shared=True)
     got = greedy_generate(model, rows, 6, pad=pad, batch_size=4, prefix=pc, first_tokens=[11])
-    ref = generate_reference(model, rows, 6, pad=pad, batch_size=4, first_tokens=[11])
+    ref = greedy_generate(model, rows, 6, pad=pad, batch_size=4, first_tokens=[11], reference=True)
     assert got.tokens == ref.tokens
     torch.testing.assert_close(got.first_logprobs, ref.first_logprobs, atol=1e-5, rtol=0)
 

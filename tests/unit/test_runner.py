@@ -452,3 +452,20 @@ def test_plot_and_summarize_commands_compare_two_runs(batched_run, sequential_ru
     assert main(["summarize", a, b, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["mode"] for r in rows] == ["batched", "sequential"] and rows[1]["final"]["n_cases"] == N_CASES
+
+
+def test_seed_sliding_adds_the_seeds_generation_check_per_prompt(files, tokenizer, work):
+    """``seed_sliding``: every per-case record also holds the seed's ``*_prompts_correct`` (one bool per
+    prompt of that kind); off (the default), the keys are absent."""
+    cfg = config(files, sequential=False, dataset_size_limit=3, seed_sliding=True, skip_generation_tests=True)
+    res = run_evaluation(cfg, work / "sliding", model=fresh_model(tokenizer), tok=tokenizer)
+    recs = lines(res.run_dir / "cases.jsonl")
+    assert len(recs) == 3
+    for r in recs:
+        for part in ("pre", "post"):
+            assert len(r[part]["rewrite_prompts_correct"]) == 1
+            assert len(r[part]["paraphrase_prompts_correct"]) == 1 and len(r[part]["neighborhood_prompts_correct"]) == 1
+            assert all(isinstance(x, bool) for x in r[part]["rewrite_prompts_correct"])
+    plain = lines(run_evaluation(config(files, sequential=False, dataset_size_limit=3, skip_generation_tests=True),
+                                 work / "no-sliding", model=fresh_model(tokenizer), tok=tokenizer).run_dir / "cases.jsonl")
+    assert all("rewrite_prompts_correct" not in r["post"] for r in plain)

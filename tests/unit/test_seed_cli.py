@@ -87,7 +87,7 @@ def test_sample_num_errors_are_one_line_naming_the_problem_and_the_fix(cache, tm
     with pytest.raises(DatasetError) as e:
         seed_samples_file(cfg, tmp_path / "cf.json")
     assert "\n" not in str(e.value) and "counterfact_sampled_unique_mcf_10_20000.json not found" in str(e.value)
-    assert "--seed_samples" in str(e.value)
+    assert "--seed_samples" in str(e.value) and "--sample_num none for the dataset file's own order" in str(e.value)
 
 
 def test_hparams_fname_takes_the_seeds_file_names_for_each_method():

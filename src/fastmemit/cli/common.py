@@ -45,20 +45,22 @@ def _number(kind: type, s: str) -> float:
     return v
 
 
+def _int_at_least(s: str, low: int, must: str) -> int:
+    """``s`` as an integer ≥ ``low``; else the argparse error "must be ``must``"."""
+    v = int(_number(int, s))
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be {must}, got {s!r}")
+    return v
+
+
 def positive_int(s: str) -> int:
     """argparse type: an integer ≥ 1."""
-    v = int(_number(int, s))
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
-    return v
+    return _int_at_least(s, 1, "a positive integer")
 
 
 def non_negative_int(s: str) -> int:
     """argparse type: an integer ≥ 0."""
-    v = int(_number(int, s))
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
-    return v
+    return _int_at_least(s, 0, "a non-negative integer")
 
 
 def positive_float(s: str) -> float:
@@ -81,10 +83,7 @@ def key_count(s: str) -> int:
 
 def seq_len(s: str) -> int:
     """argparse type: tokens per row, at least 2 (a key needs a token after the first)."""
-    v = int(_number(int, s))
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {s!r}")
-    return v
+    return _int_at_least(s, 2, "at least 2 tokens")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -125,6 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation")
     _flag(e, "skip_generation_tests", _BOOL, help="no generation (fluency, consistency) tests (default false)")
     _flag(e, "generation_test_interval", int, help="generation tests for every K-th case; K ≤ 0: none (default 1)")
+    _flag(e, "seed_sliding", _BOOL, help="CounterFact: also the seed's *_prompts_correct (the expected string in the "
+                                         "greedy generation after each prompt; default false)")
     _flag(e, "consistency_dir", help="folder of attribute_snippets.json, idf.npy, tfidf_vocab.json "
                                      "(default: beside --data when present)")
     _flag(e, "final_eval", _BOOL, help="sequential runs: score all cases again on the final model (default true)")

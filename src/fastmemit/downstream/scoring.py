@@ -48,7 +48,6 @@ from fastmemit.lm import (
     PrefixCache,
     attention_window,
     eos_ids,
-    generate_reference,
     greedy_generate,
     model_context,
     pad_id,
@@ -204,15 +203,14 @@ def _generate(
 
     Returns (texts, (N, len(first_tokens)) float64 log-probs) — the latter is what log-likelihood
     ranking of single-token options needs, so the "both" mode shares one prefill. ``reference``:
-    through ``model.generate`` (:func:`fastmemit.lm.generate_reference`).
+    through ``model.generate`` (:func:`fastmemit.lm.greedy_generate` with ``reference``).
     """
     if batch_size < 1:
         raise DownstreamError("batch_size must be ≥ 1")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     rows = [encoded[i] for i in order]
     kwargs = dict(pad=pad_id(tok), eos=eos_ids(model, tok), batch_size=batch_size, first_tokens=first_tokens)
-    out = generate_reference(model, rows, gen_len, **kwargs) if reference else \
-        greedy_generate(model, rows, gen_len, prefix=prefix, **kwargs)
+    out = greedy_generate(model, rows, gen_len, prefix=prefix, reference=reference, **kwargs)
     texts: list[str] = [""] * len(encoded)
     first = torch.empty((len(encoded), len(first_tokens)), dtype=torch.float64)
     for j, i in enumerate(order):

@@ -113,19 +113,21 @@ class CollapseMonitor:
         b_rows = {(x["task"], x["mode"]): x for x in base["records"]}
         n_rows = {(x["task"], x["mode"]): x for x in now["records"]}
         common = sorted(set(b_rows) & set(n_rows))
-        if r.downstream_drop is not None and common:
-            drop = _mean([b_rows[k]["accuracy"] for k in common]) - _mean([n_rows[k]["accuracy"] for k in common])
-            if drop >= r.downstream_drop:
-                return _fired("downstream_drop", drop, r.downstream_drop,
-                              f"mean downstream accuracy {drop:.3f} below the baseline over "
-                              f"{', '.join(f'{t}/{m}' for t, m in common)} (limit {r.downstream_drop:g})")
         gen = [k for k in common if k[1] == "generate"]
-        if r.invalid_rise is not None and gen:
-            rise = _mean([n_rows[k]["invalid"] for k in gen]) - _mean([b_rows[k]["invalid"] for k in gen])
-            if rise >= r.invalid_rise:
-                return _fired("invalid_rise", rise, r.invalid_rise,
-                              f"invalid generated answers {rise:.3f} above the baseline's rate "
-                              f"(limit {r.invalid_rise:g})")
+        where = ", ".join(f"{t}/{m}" for t, m in common)
+        rules = (  # (rule, limit, rows compared, field, whether a fall is bad, reason)
+            ("downstream_drop", r.downstream_drop, common, "accuracy", True,
+             lambda v, lim: f"mean downstream accuracy {v:.3f} below the baseline over {where} (limit {lim:g})"),
+            ("invalid_rise", r.invalid_rise, gen, "invalid", False,
+             lambda v, lim: f"invalid generated answers {v:.3f} above the baseline's rate (limit {lim:g})"),
+        )
+        for rule, limit, keys, field, falls, reason in rules:
+            if limit is None or not keys:
+                continue
+            before, after = _mean([b_rows[k][field] for k in keys]), _mean([n_rows[k][field] for k in keys])
+            value = before - after if falls else after - before  # keys is never empty: no None
+            if value >= limit:
+                return _fired(rule, value, limit, reason(value, limit))
         return None
 
     def _ns(self, _done: int, _diag: Any, _checks: Any) -> dict[str, Any] | None:

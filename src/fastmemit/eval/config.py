@@ -29,20 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from fastmemit.errors import EditError, RunError
-from fastmemit.eval.datasets import ZSRE_CONVENTIONS
+from fastmemit.eval.datasets import EVAL_DATASETS, ZSRE_CONVENTIONS
 from fastmemit.methods import get_method
 from fastmemit.utils import read_json
 
 RUN_FORMAT = 1  # "format" of config.json
-
-# Built-in short names → (loader name, seed-ordering file).
-DATASETS: dict[str, tuple[str, str]] = {
-    "cf": ("counterfact", "counterfact_sampled_unique_cf_10_20000.json"),
-    "counterfact": ("counterfact", "counterfact_sampled_unique_cf_10_20000.json"),
-    "mcf": ("mcf", "counterfact_sampled_unique_mcf_10_20000.json"),
-    "multi_counterfact": ("mcf", "counterfact_sampled_unique_mcf_10_20000.json"),
-    "zsre": ("zsre", "zsre_sampled_unique_10_10000.json"),
-}
 
 ALL_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu,nli,sentiment_analysis,dialogue"
 
@@ -111,6 +102,8 @@ class RunConfig:
     eval_chunk: int = _f(100, "cases per pre/final scoring chunk (the unit written and resumed)")
     skip_generation_tests: bool = _f(False, "no fluency/consistency generations")
     generation_test_interval: int = _f(1, "generation tests for every K-th case (K ≤ 0: none)")
+    seed_sliding: bool = _f(False, "CounterFact: also the seed's *_prompts_correct (its expected string in the greedy "
+                                   "generation after each prompt; one generation per prompt)")
     consistency_dir: str | None = _f(None, "folder of attribute_snippets.json, idf.npy, tfidf_vocab.json")
     final_eval: bool | None = _f(None, "sequential: score all cases again on the final model (None: on)")
     do_downstream_eval: bool = _f(False, "few-shot downstream checks before the first edit and every K batches")
@@ -158,8 +151,8 @@ class RunConfig:
                            f"None (the dataset file's own order; --sample_num none), got {self.sample_num!r:.60}")
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
-        if self.dataset not in DATASETS:
-            raise RunError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.dataset not in EVAL_DATASETS:
+            raise RunError(f"dataset must be one of {', '.join(EVAL_DATASETS)}, got {self.dataset!r}")
         for name in _POSITIVE:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:

@@ -48,13 +48,32 @@ ZSRE_CONVENTIONS: dict[str, str] = {
 }
 NQ_PREFIX = "nq question:"
 
-# Short names accepted by download_dataset / load_dataset, mapped to the published file names.
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """An evaluation dataset's files: the published data file and the seed's ordering file."""
+
+    loader: str  # what load_dataset reads it as: counterfact, mcf or zsre
+    file: str  # the published file (BASE_URL + file)
+    ordering: str  # the seed-ordering file of --sample_num
+
+
+_CF = EvalDataset("counterfact", "counterfact.json", "counterfact_sampled_unique_cf_10_20000.json")
+_MCF = EvalDataset("mcf", "multi_counterfact.json", "counterfact_sampled_unique_mcf_10_20000.json")
+
+# The one table of evaluation datasets, by every short name a run or loader accepts.
+EVAL_DATASETS: dict[str, EvalDataset] = {
+    "cf": _CF,
+    "counterfact": _CF,
+    "mcf": _MCF,
+    "multi_counterfact": _MCF,
+    "zsre": EvalDataset("zsre", "zsre_mend_eval.json", "zsre_sampled_unique_10_10000.json"),
+}
+
+# Short names accepted by download_dataset, mapped to the published file names.
 DATASET_FILES: dict[str, str] = {
-    "counterfact": "counterfact.json",
-    "cf": "counterfact.json",
-    "mcf": "multi_counterfact.json",
-    "multi_counterfact": "multi_counterfact.json",
-    "zsre": "zsre_mend_eval.json",
+    **{name: d.file for name, d in EVAL_DATASETS.items()},
     "attribute_snippets": "attribute_snippets.json",
     "idf": "idf.npy",
     "tfidf_vocab": "tfidf_vocab.json",
@@ -517,7 +536,7 @@ def load_dataset(
     :func:`default_data_dir`) and fetched only when ``download=True`` (the evaluation runs' default).
     ``zsre_convention``: see :func:`load_zsre`.
     """
-    if name not in ("counterfact", "cf", "mcf", "multi_counterfact", "zsre"):
+    if name not in EVAL_DATASETS:
         raise DatasetError(f"unknown evaluation dataset {name!r}; use counterfact, mcf or zsre")
     if path is None:
         folder = Path(cache_dir) if cache_dir is not None else default_data_dir()

@@ -135,6 +135,19 @@ def _save(fig: Any, png: Path, rows: Sequence[Mapping[str, Any]]) -> dict[str, P
     return {"png": png, "csv": csv_path}
 
 
+def _metric_panel(ax: Any, run: Mapping[str, Any], m: str, pre: float | None,
+                  final: tuple[float, float] | None = None) -> None:
+    """A metric's panel finished: the pre-edit line, the final scoring's point (x, y), title, axes."""
+    if pre is not None:
+        ax.axhline(pre, color="C3", linestyle="--", linewidth=1, label="before editing")
+    if final is not None:
+        ax.plot([final[0]], [final[1]], "s", color="C2", label="all cases on the final model")
+    ax.set_title(TITLES[m])
+    ax.set_xlabel(_xlabel(run))
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+
+
 def _xlabel(run: Mapping[str, Any]) -> str:
     if run["config"].get("run", {}).get("sequential", True):
         return "number of edits (accumulated)"
@@ -157,16 +170,8 @@ def plot_run(run_dir: str | os.PathLike[str], out_png: str | os.PathLike[str] | 
     for ax, m in zip(axes[0], metrics):
         ax.plot(xs, [r[f"{m}_batch"] for r in rows], "o", markersize=3, alpha=0.45, color="C0", label="batch (post)")
         ax.plot(xs, [r[m] for r in rows], "-", color="C0", label="running mean (post)")
-        pre = rows[-1][f"{m}_pre"]
-        if pre is not None:
-            ax.axhline(pre, color="C3", linestyle="--", linewidth=1, label="before editing")
         final = run["summary"].get("final", {}).get(m)
-        if final is not None:
-            ax.plot([xs[-1]], [final], "s", color="C2", label="all cases on the final model")
-        ax.set_title(TITLES[m])
-        ax.set_xlabel(_xlabel(run))
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
+        _metric_panel(ax, run, m, rows[-1][f"{m}_pre"], None if final is None else (xs[-1], final))
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{run_label(run)} — {run['dir'].name}")
     paths = _save(fig, png, [{"run": str(run["dir"]), **r} for r in rows])
@@ -233,13 +238,7 @@ def _retention_plot(run: Mapping[str, Any], png: Path) -> dict[str, Path]:
                 label="all edits so far, on the model then")
         ax.plot([r["cases_done"] for r in curves], [r[m] for r in curves], "-", color="C0", alpha=0.6,
                 label="each batch right after its edit (running mean)")
-        pre = curves[-1][f"{m}_pre"] if curves else None
-        if pre is not None:
-            ax.axhline(pre, color="C3", linestyle="--", linewidth=1, label="before editing")
-        ax.set_title(TITLES[m])
-        ax.set_xlabel(_xlabel(run))
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
+        _metric_panel(ax, run, m, curves[-1][f"{m}_pre"] if curves else None)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"retention — {run_label(run)} — {run['dir'].name}")
     return _save(fig, png, [{"run": str(run["dir"]), **r} for r in rows])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastmemit.errors import EditError
-from fastmemit.linalg import FactoredCov
+from fastmemit.linalg import FactoredCov, ridge_system_delta
 from fastmemit.methods.hparams import EditHparams
 from fastmemit.requests import EditRequest
 from fastmemit.stats.provider import PreservedMatrix
@@ -131,6 +131,21 @@ class EditMethod:
     def carry_over(self, old: LayerState, new: LayerState) -> None:
         """Statistics were recomputed: ``new`` replaces ``old``; keep the memory, drop what is derived."""
         new.extra.update(self.state_dict(old))
+
+
+class RidgeSystemMethod(EditMethod):
+    """A method of the family's one closed form, Δ = R (Kᵀ C⁻¹ K + μI)⁻¹ (C⁻¹K)ᵀ
+    (:func:`~fastmemit.linalg.ridge_system_delta`, through the factor of C): declare μ in :meth:`ridge`."""
+
+    def ridge(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> float:
+        """μ for keys K (d_k, B) at ``state``'s layer."""
+        raise NotImplementedError
+
+    def layer_delta(
+        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
+    ) -> torch.Tensor:
+        assert state.factor is not None
+        return ridge_system_delta(R, K, state.factor, mu=self.ridge(hp, state, K))  # (d, d_k)
 
 
 _REGISTRY: dict[str, EditMethod] = {}

@@ -12,28 +12,24 @@ from __future__ import annotations
 import torch
 
 from fastmemit.errors import EditError
-from fastmemit.linalg import ridge_system_delta
-from fastmemit.methods.base import EditMethod, LayerState, register_method
+from fastmemit.methods.base import LayerState, RidgeSystemMethod, register_method
 from fastmemit.methods.hparams import EditHparams
 
 EMMETHparams = EditHparams  # EMMET's fields (emmet_lambda, update_norm_lambda) are shared ones
 
 
-class EMMET(EditMethod):
+class EMMET(RidgeSystemMethod):
     name = "EMMET"
     hparams_cls = EditHparams
 
-    def layer_delta(
-        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
-    ) -> torch.Tensor:
+    def ridge(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> float:
         assert state.factor is not None
         if K.shape[1] > state.factor.dim:
             raise EditError(
                 f"EMMET cannot satisfy {K.shape[1]} equality constraints with d_k = {state.factor.dim}: "
                 "the batch must not exceed the key dimension"
             )
-        mu = hp.emmet_lambda if K.shape[1] > 1 or hp.emmet_ridge_one_edit else 0.0
-        return ridge_system_delta(R, K, state.factor, mu=mu)  # (d, d_k)
+        return hp.emmet_lambda if K.shape[1] > 1 or hp.emmet_ridge_one_edit else 0.0
 
 
 register_method(EMMET())

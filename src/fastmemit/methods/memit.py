@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from fastmemit.linalg import ridge_system_delta
-from fastmemit.methods.base import EditMethod, LayerState, register_method
+from fastmemit.methods.base import LayerState, RidgeSystemMethod, register_method
 from fastmemit.methods.hparams import EditHparams
 
 
-class MEMIT(EditMethod):
+class MEMIT(RidgeSystemMethod):
     name = "MEMIT"
     hparams_cls = EditHparams
 
-    def layer_delta(
-        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
-    ) -> torch.Tensor:
-        assert state.factor is not None
-        return ridge_system_delta(R, K, state.factor, mu=1.0)  # (d, d_k)
+    def ridge(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> float:
+        return 1.0  # R (I + Kᵀ C⁻¹ K)⁻¹ (C⁻¹K)ᵀ = R Kᵀ (C + K Kᵀ)⁻¹
 
 
 register_method(MEMIT())

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from fastmemit.linalg import ridge_system_delta
-from fastmemit.methods.base import EditMethod, LayerState, register_method
+from fastmemit.methods.base import LayerState, RidgeSystemMethod, register_method
 from fastmemit.methods.hparams import EditHparams
 
 
-class ROME(EditMethod):
+class ROME(RidgeSystemMethod):
     name = "ROME"
     hparams_cls = EditHparams
     single_layer = True
@@ -27,11 +26,8 @@ class ROME(EditMethod):
     weighted_identity = False
     value_site = "matrix"
 
-    def layer_delta(
-        self, hp: EditHparams, state: LayerState, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor
-    ) -> torch.Tensor:
-        assert state.factor is not None
-        return ridge_system_delta(R, K, state.factor, mu=0.0)  # rank one for B = 1: (d, d_k)
+    def ridge(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> float:
+        return 0.0  # rank one for B = 1
 
 
 register_method(ROME())

@@ -70,9 +70,10 @@ class LayerPreserved:
 class PreservedStats:
     """Statistics and factors of a model's edited layers: one corpus pass, finiteness checked, cached.
 
-    ``n_keys`` (an explicit count, ``ALL_KEYS`` for the whole corpus) or ``dynamic_multiplier``
-    (FastMEMIT: that many times d_k keys) sets the count, as in :func:`compute_layer_stats`.
-    ``seconds`` accumulates the time spent in statistics and factors.
+    What the pass reads comes from the edit's hparams ``hp``: the count (``dynamic_multiplier`` × d_k when
+    ``hp.dynamic``, else ``mom2_n_samples``; ``ALL_KEYS`` for the whole corpus, as in
+    :func:`compute_layer_stats`), the corpus (``hp.stats_corpus`` unless ``corpus``), the batch size and
+    the sequence length. ``seconds`` accumulates the time spent in statistics and factors.
 
     Devices: ``stats_device`` is where the statistics accumulate and where they and the factors are
     kept (:attr:`storage_device`; None: accumulated on each layer's own device, kept on the CPU);
@@ -84,12 +85,9 @@ class PreservedStats:
         self,
         model: nn.Module,
         tok: Any,
+        hp: Any,
         *,
         corpus: str | Path | Corpus | None = None,
-        n_keys: int | None = None,
-        dynamic_multiplier: float | None = None,
-        batch_size: int = 8,
-        seq_len: int = 256,
         seed: int | None = 0,
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
@@ -97,24 +95,15 @@ class PreservedStats:
         stats_device: str | torch.device | None = None,
         compute_device: str | torch.device | None = None,
     ) -> None:
-        self.model, self.tok, self.corpus = model, tok, corpus
-        self.count = {"n_keys": n_keys} if dynamic_multiplier is None else {"dynamic_multiplier": dynamic_multiplier}
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.model, self.tok = model, tok
+        self.corpus = corpus if corpus is not None else hp.stats_corpus
+        self.count = {"dynamic_multiplier": hp.dynamic_multiplier} if hp.dynamic else {"n_keys": hp.mom2_n_samples}
+        self.batch_size, self.seq_len, self.seed = hp.stats_batch_size, hp.stats_seq_len, seed
         self.cache_dir, self.use_cache, self.show_progress = cache_dir, use_cache, show_progress
         self.stats_device = None if stats_device is None else resolve_device(stats_device)
         self.storage_device = self.stats_device if self.stats_device is not None else torch.device("cpu")
         self.compute_device = self.storage_device if compute_device is None else resolve_device(compute_device)
         self.seconds = 0.0
-
-    @classmethod
-    def from_hparams(cls, model: nn.Module, tok: Any, hp: Any, *, corpus: str | Path | Corpus | None = None,
-                     seed: int | None = 0, **kwargs: Any) -> PreservedStats:
-        """The provider an Editor with hparams ``hp`` uses: its count (``dynamic_multiplier`` × d_k when
-        ``hp.dynamic``, else ``mom2_n_samples``), corpus (``hp.stats_corpus`` unless ``corpus``), batch size
-        and sequence length; ``kwargs``: the other constructor arguments."""
-        count = {"dynamic_multiplier": hp.dynamic_multiplier} if hp.dynamic else {"n_keys": hp.mom2_n_samples}
-        return cls(model, tok, corpus=corpus if corpus is not None else hp.stats_corpus, batch_size=hp.stats_batch_size,
-                   seq_len=hp.stats_seq_len, seed=seed, **count, **kwargs)
 
     def layers(
         self, layers: Sequence[int], *, mom2: bool, matrix: PreservedMatrix | None, recompute: bool = False
