@@ -237,14 +237,15 @@ class _VBatch:
     copy of that cache. Suffixes are right padded, so the fact token is suffix position 0 in every row.
     """
 
-    def __init__(self, model: nn.Module, rows: list[_VRow], active: list[int], pad: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, rows: list[_VRow], active: list[int], pad: int, device: torch.device,
+                 keep_prefix: bool = True) -> None:
         self.active = list(active)
         slot = {b: a for a, b in enumerate(active)}
         rw = [r for r in rows if r.request in slot and r.target is not None]
         kl = [r for r in rows if r.request in slot and r.target is None]
         self.rows = rw + kl
         self.n_rewrite = len(rw)
-        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad)
+        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad, keep=keep_prefix)
         self.batch = self.prefix.batch([r.ids[r.fact :] + (r.target or []) for r in self.rows], side="right")
         first = [len(r.ids) - r.fact for r in self.rows]  # suffix index of the first token after the prompt
         tr, tc, tt = [], [], []
@@ -279,8 +280,9 @@ class _VBatch:
             return h + onehot * delta_rows.to(device=h.device, dtype=h.dtype).unsqueeze(1)  # (n, S, d)
 
         trace = None if site.block is None else Trace(model, [site.block])
+        cache = self.prefix.fresh_cache()  # before the hooks: a recomputed prefix must not get δ
         with edit_output(model, site.add, add), trace or contextlib.nullcontext():
-            hidden = self.prefix.run(self.batch, body=True).last_hidden_state  # (n, S, d)
+            hidden = self.prefix.run(self.batch, body=True, cache=cache).last_hidden_state  # (n, S, d)
         if trace is not None and site.block is not None:
             capture["z"] = trace.outputs[site.block][:, 0].to(self.tok_len.device)  # (n, d)
         hidden = hidden.to(self.tok_len.device)  # from the last block's device (device maps)
@@ -346,9 +348,14 @@ class _VState:
 
 def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: int, max_rows: int, pad: int,
                    device: torch.device) -> list[_VBatch]:
-    """The active requests' rows in batches of whole requests, at most ``max_rows`` prompts each (0: one batch)."""
+    """The active requests' rows in batches of whole requests, at most ``max_rows`` prompts each (0: one batch).
+
+    With more than one micro-batch, no micro-batch keeps its prefix cache between forwards (it is
+    recomputed each time, the same numbers): memory then stays bounded by ``max_rows`` whatever the
+    number of requests, at the cost of one gradient-free prefix forward per micro-batch and step."""
     per = len(active) if max_rows == 0 else max(1, max_rows // (n_t + 1))  # n_t rewrite prompts + 1 essence prompt
-    return [_VBatch(model, rows, active[s : s + per], pad, device) for s in range(0, len(active), per)]
+    keep = per >= len(active)
+    return [_VBatch(model, rows, active[s : s + per], pad, device, keep) for s in range(0, len(active), per)]
 
 
 def _start(model: nn.Module, site: _Site, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:

@@ -233,6 +233,10 @@ class PrefixCache:
     - ``PrefixCache(model, [prefix], pad, shared=True)``: one prefix every row of a batch starts with
       (the downstream shots), its cache repeated to the batch's rows.
     - ``PrefixCache(model, [], pad, shared=True)``: no prefix, a plain padded forward.
+    - ``keep=False``: the prefixes' cache is not held between calls; every :meth:`run` recomputes it
+      (the same forward, so the same numbers) and drops it after, so memory does not grow with the
+      number of caches alive at once (v*'s micro-batches). A caller whose run happens inside hooks
+      that must not see the prefix takes :meth:`fresh_cache` before entering them.
 
     :meth:`batch` pads suffixes on the right (every row's first suffix token in column 0) or on the
     left (every row's last token in the last column, where scoring and decoding read); positions
@@ -240,7 +244,8 @@ class PrefixCache:
     which a local attention window counts: :func:`attention_window` says when not to do that.
     """
 
-    def __init__(self, model: nn.Module, prefixes: Sequence[Ids], pad: int, *, shared: bool = False) -> None:
+    def __init__(self, model: nn.Module, prefixes: Sequence[Ids], pad: int, *, shared: bool = False,
+                 keep: bool = True) -> None:
         if shared and len(prefixes) > 1:
             raise EditError(f"a shared prefix is one token sequence, got {len(prefixes)}")
         self.fwd = Forward(model)
@@ -251,16 +256,26 @@ class PrefixCache:
         self.length = max((len(p) for p in rows), default=0)  # P
         self.cache: Any = None
         self.mask = torch.zeros((len(rows), 0), dtype=torch.long, device=self.fwd.device)  # (R, P)
+        self._ids: torch.Tensor | None = None  # (R, P) the prefixes, when the cache is recomputed per run
+        self._pos: torch.Tensor | None = None  # (R, P)
         if self.length:
             if not self.fwd.can_cache:
                 raise EditError(f"{type(model).__name__}'s forward takes no KV cache: a prefix cannot be kept")
             ids, mask, pos = pad_left(rows, pad)  # (R, P) each
             self.mask = mask.to(self.fwd.device)
-            with torch.no_grad():
-                out = self.fwd(ids.to(self.fwd.device), self.mask, pos.to(self.fwd.device), keep=1, use_cache=True)
-            self.cache = output_cache(out)
-            if self.cache is None or (shared and not hasattr(self.cache, "batch_repeat_interleave")):
-                raise EditError(f"{type(model).__name__} returns no KV cache that can be shared by a batch")
+            self._ids, self._pos = ids.to(self.fwd.device), pos.to(self.fwd.device)
+            if keep:
+                self.cache = self._compute()
+                self._ids = self._pos = None
+
+    @torch.no_grad()
+    def _compute(self) -> Any:
+        """The prefixes' key/value cache: one forward without gradient."""
+        out = self.fwd(self._ids, self.mask, self._pos, keep=1, use_cache=True)
+        cache = output_cache(out)
+        if cache is None or (self.shared and not hasattr(cache, "batch_repeat_interleave")):
+            raise EditError(f"{type(self.fwd.model).__name__} returns no KV cache that can be shared by a batch")
+        return cache
 
     def starts(self, seq: Ids) -> bool:
         """Whether ``seq`` starts with the shared prefix and goes on after it."""
@@ -279,12 +294,19 @@ class PrefixCache:
         mask = torch.cat([p_mask, s_mask], dim=1)  # (B, P + S)
         return Batch(s_ids, mask, positions(mask)[:, self.length:])
 
-    def run(self, batch: Batch, *, keep: int | None = None, body: bool = False, use_cache: bool = False) -> Any:
-        """The model's output on ``batch`` after the prefixes (logits of the last ``keep`` columns, or
-        with ``body`` the hidden states); gradients flow through the suffix only."""
-        cache = None
+    def fresh_cache(self) -> Any:
+        """The prefixes' cache for one :meth:`run`: a copy of the kept one, or computed now (``keep=False``)."""
         if self.cache is not None:
-            cache = copy.deepcopy(self.cache)
+            return copy.deepcopy(self.cache)
+        return self._compute() if self._ids is not None else None
+
+    def run(self, batch: Batch, *, keep: int | None = None, body: bool = False, use_cache: bool = False,
+            cache: Any = None) -> Any:
+        """The model's output on ``batch`` after the prefixes (logits of the last ``keep`` columns, or
+        with ``body`` the hidden states); gradients flow through the suffix only. ``cache``: a
+        :meth:`fresh_cache` taken earlier (default: taken now)."""
+        cache = cache if cache is not None else self.fresh_cache()
+        if cache is not None:
             if self.shared:
                 cache.batch_repeat_interleave(batch.ids.shape[0])  # (1, ...) -> (B, ...)
         return self.fwd(batch.ids, batch.mask, batch.pos, keep=keep, cache=cache,

@@ -362,18 +362,30 @@ def test_vstar_micro_batches_give_the_result_of_one_batch(arch: str, tiny_model:
     if arch == "llama":  # requests stop at different steps: rows leave the micro-batches as they go
         assert len(set(whole.steps)) > 2 and min(whole.steps) < 15 == max(whole.steps)
     sizes: list[int] = []
-    init = keys_values._VBatch.__init__
+    held: list[list[bool]] = []  # per split into micro-batches: which keep their prefix cache between forwards
+    init, split = keys_values._VBatch.__init__, keys_values._micro_batches
 
     def record(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         sizes.append(len(self.rows))
 
+    def record_split(*args: Any, **kwargs: Any) -> list[Any]:
+        out = split(*args, **kwargs)
+        held.append([b.prefix.cache is not None for b in out])
+        return out
+
     monkeypatch.setattr(keys_values._VBatch, "__init__", record)
+    monkeypatch.setattr(keys_values, "_micro_batches", record_split)
     for max_rows, per in ((4, 1), (9, 2)):  # 3 templates + 1 essence prompt = 4 rows a request
         sizes.clear()
+        held.clear()
         part = optimize_targets(model, tokenizer, V_REQUESTS, V_TEMPLATES, 0, _v_hparams(v_max_rows=max_rows),
                                 show_progress=False)
         assert sizes and max(sizes) == 4 * per  # no forward pass holds more rows than the budget
+        # nor do the prefix caches of the other micro-batches stay alive (memory bounded by the budget);
+        # once the active requests fit one micro-batch, it keeps its cache
+        assert any(len(g) > 1 for g in held) and all(not any(g) for g in held if len(g) > 1)
+        assert all(g == [True] for g in held if len(g) == 1)
         assert part.steps == whole.steps
         torch.testing.assert_close(part.delta, whole.delta, atol=1e-5 * float(whole.delta.abs().max()), rtol=0)
         assert part.nll == pytest.approx(whole.nll, abs=1e-5)
