@@ -245,7 +245,7 @@ class _VBatch:
         kl = [r for r in rows if r.request in slot and r.target is None]
         self.rows = rw + kl
         self.n_rewrite = len(rw)
-        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad, keep=keep_prefix)
+        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad, hold=keep_prefix)
         self.batch = self.prefix.batch([r.ids[r.fact :] + (r.target or []) for r in self.rows], side="right")
         first = [len(r.ids) - r.fact for r in self.rows]  # suffix index of the first token after the prompt
         tr, tc, tt = [], [], []

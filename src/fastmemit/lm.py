@@ -233,7 +233,7 @@ class PrefixCache:
     - ``PrefixCache(model, [prefix], pad, shared=True)``: one prefix every row of a batch starts with
       (the downstream shots), its cache repeated to the batch's rows.
     - ``PrefixCache(model, [], pad, shared=True)``: no prefix, a plain padded forward.
-    - ``keep=False``: the prefixes' cache is not held between calls; every :meth:`run` recomputes it
+    - ``hold=False``: the prefixes' cache is not held between calls; every :meth:`run` recomputes it
       (the same forward, so the same numbers) and drops it after, so memory does not grow with the
       number of caches alive at once (v*'s micro-batches). A caller whose run happens inside hooks
       that must not see the prefix takes :meth:`fresh_cache` before entering them.
@@ -245,7 +245,7 @@ class PrefixCache:
     """
 
     def __init__(self, model: nn.Module, prefixes: Sequence[Ids], pad: int, *, shared: bool = False,
-                 keep: bool = True) -> None:
+                 hold: bool = True) -> None:
         if shared and len(prefixes) > 1:
             raise EditError(f"a shared prefix is one token sequence, got {len(prefixes)}")
         self.fwd = Forward(model)
@@ -264,7 +264,7 @@ class PrefixCache:
             ids, mask, pos = pad_left(rows, pad)  # (R, P) each
             self.mask = mask.to(self.fwd.device)
             self._ids, self._pos = ids.to(self.fwd.device), pos.to(self.fwd.device)
-            if keep:
+            if hold:
                 self.cache = self._compute()
                 self._ids = self._pos = None
 
@@ -295,7 +295,7 @@ class PrefixCache:
         return Batch(s_ids, mask, positions(mask)[:, self.length:])
 
     def fresh_cache(self) -> Any:
-        """The prefixes' cache for one :meth:`run`: a copy of the kept one, or computed now (``keep=False``)."""
+        """The prefixes' cache for one :meth:`run`: a copy of the held one, or computed now (``hold=False``)."""
         if self.cache is not None:
             return copy.deepcopy(self.cache)
         return self._compute() if self._ids is not None else None
