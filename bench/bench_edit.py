@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -124,27 +123,24 @@ def bench_methods(n: int, corpus: str) -> None:
         print(f"{method:>10} {dt:>8.1f} {len(todo) / dt:>8.2f}  {phases}  ({len(todo)} edits)", flush=True)
 
 
-def _rss_mib(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
 def vmem_one(n: int, max_rows: int, steps: int) -> None:
     """One v* run in this process; prints a JSON line (the parent runs each setting in a fresh process)."""
     from fastmemit import EditRequest, load_model
     from fastmemit.keys_values import context_templates, optimize_targets
     from fastmemit.methods import EditHparams
+    from real_size import _rss_peak_mib, peak  # bench/ is on sys.path when this file runs as a script
 
     model, tok = load_model("smollm2-135m")
     hp = EditHparams.from_dict({**SMOL_HP, "v_num_grad_steps": steps, "v_early_stop_nll": 0.0, "v_max_rows": max_rows})
     templates = context_templates(model, tok, hp.context_template_length_params)
     reqs = [EditRequest.from_any(r) for r in _requests(n)]
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = _rss_mib("VmRSS")
-    t0 = time.perf_counter()
-    res = optimize_targets(model, tok, reqs, templates, hp.layers[-1], hp, show_progress=False)
-    dt = time.perf_counter() - t0
+    base = _rss_peak_mib()[1]
+    with peak(torch.device("cpu")) as mem:  # peak RSS beyond the RSS when the block starts
+        t0 = time.perf_counter()
+        res = optimize_targets(model, tok, reqs, templates, hp.layers[-1], hp, show_progress=False)
+        dt = time.perf_counter() - t0
     print(json.dumps({"n": n, "max_rows": max_rows, "rows": n * (len(templates) + 1), "seconds": dt,
-                      "peak_mib": _rss_mib("VmHWM") - base, "rss_after_load_mib": base,
+                      "peak_mib": mem["gib"] * 1024, "rss_after_load_mib": base,
                       "delta_sum": float(res.delta.abs().sum()), "delta_max": float(res.delta.abs().max())}))
 
 
@@ -181,10 +177,10 @@ def bench_vstop(n: int, batch: int, corpus: str, out: str | None) -> None:
 
     model, tok = load_model("smollm2-135m")
     cases = load_counterfact(str(DATA / "counterfact-train.json"))[:n]
-    base = builtin_hparams("EMMET", model).to_dict()
+    builtin = builtin_hparams("EMMET", model)
     rows = []
     for rule in ("nll", "mpes"):
-        hp = type(builtin_hparams("EMMET", model)).from_dict({**base, "v_early_stop": rule})
+        hp = builtin.replace(v_early_stop=rule)
         ed = Editor(model, tok, "EMMET", hp, corpus=corpus, show_progress=False)
         ed.prepare_stats()
         recs, v_s, steps, t0 = [], 0.0, [], time.perf_counter()
