@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,7 @@ def main() -> None:
     if not args.no_trace:
         windows.insert(1, trace_window(model, tok, cases[args.cases + args.held_aside :], args.out))
     windows = list({json.dumps(w): w for w in windows}.values())
-    targets_path = args.targets
-    targets: dict[Any, Any] = torch.load(targets_path, weights_only=False) if targets_path.is_file() else {}
+    targets = _SavedTargets(args.targets)
     runners = {}
     for m in METHODS:
         start = builtin_hparams(m, "smollm2-135m")
@@ -98,8 +98,7 @@ def main() -> None:
 
     def run(m: str, config: dict[str, Any], cases_name: str, stage: str) -> TrialResult:
         t = runners[m].run(config, cases_name, stage)
-        with contextlib.suppress(OSError):
-            torch.save(targets, targets_path)
+        targets.save()
         print(json.dumps({"method": m, "cases": cases_name, **config, "score": t.scores.get("score"),
                           "seconds": round(t.seconds), "status": t.status}), flush=True)
         return t
@@ -110,6 +109,33 @@ def main() -> None:
             run(m, best[m].config, "held", "held-aside")
             if i == 0:
                 run(m, config_of(runners[m].base), "held", "held-aside (built-in)")
+
+
+class _SavedTargets(dict):
+    """The z* cache, saved (atomically) every ``every`` new entries and after each trial: a sweep
+    killed in the middle of its first trial's z* (an hour and more for 200 cases) keeps them.
+    The file is this script's own (written by it, read back by it)."""
+
+    def __init__(self, path: Path, every: int = 10) -> None:
+        super().__init__(torch.load(path, weights_only=False) if path.is_file() else {})
+        self.path, self.every, self.unsaved = path, every, 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.unsaved += 1
+        if self.unsaved >= self.every:
+            self.save()
+
+    def save(self) -> None:
+        if not self.unsaved:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(self), tmp)
+            os.replace(tmp, self.path)
+            self.unsaved = 0
+        tmp.unlink(missing_ok=True)
 
 
 def _fixed(d: dict[str, Any]) -> dict[str, Any]:
