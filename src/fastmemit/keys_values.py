@@ -238,14 +238,14 @@ class _VBatch:
     """
 
     def __init__(self, model: nn.Module, rows: list[_VRow], active: list[int], pad: int, device: torch.device,
-                 keep_prefix: bool = True) -> None:
+                 hold_prefix: bool = True) -> None:
         self.active = list(active)
         slot = {b: a for a, b in enumerate(active)}
         rw = [r for r in rows if r.request in slot and r.target is not None]
         kl = [r for r in rows if r.request in slot and r.target is None]
         self.rows = rw + kl
         self.n_rewrite = len(rw)
-        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad, hold=keep_prefix)
+        self.prefix = PrefixCache(model, [r.ids[: r.fact] for r in self.rows], pad, hold=hold_prefix)
         self.batch = self.prefix.batch([r.ids[r.fact :] + (r.target or []) for r in self.rows], side="right")
         first = [len(r.ids) - r.fact for r in self.rows]  # suffix index of the first token after the prompt
         tr, tc, tt = [], [], []
@@ -354,8 +354,8 @@ def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: 
     recomputed each time, the same numbers): memory then stays bounded by ``max_rows`` whatever the
     number of requests, at the cost of one gradient-free prefix forward per micro-batch and step."""
     per = len(active) if max_rows == 0 else max(1, max_rows // (n_t + 1))  # n_t rewrite prompts + 1 essence prompt
-    keep = per >= len(active)
-    return [_VBatch(model, rows, active[s : s + per], pad, device, keep) for s in range(0, len(active), per)]
+    hold = per >= len(active)  # one micro-batch: its prefix cache is kept across steps
+    return [_VBatch(model, rows, active[s : s + per], pad, device, hold) for s in range(0, len(active), per)]
 
 
 def _start(model: nn.Module, site: _Site, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:
