@@ -11,7 +11,8 @@ Flow of one batch (methods differ only in what they declare and in ``layer_delta
      layer on the model as edited so far; residual R = (z* − h) / (layers remaining), mapped into
      the edited matrix's output space through the norm after the MLP where the family has one
      (:func:`layer_residual`, docs/postnorm.md); Δ from the method (which also sees the current
-     weight W); apply; the method commits its memory;
+     weight W); optionally PRUNE's restraint of the accumulated edit (``prune_log_base``); apply; the
+     method commits its memory;
   4. return an :class:`EditResult` holding the deltas, able to restore the exact old weights.
 The Editor orchestrates only: no knowledge of a particular method lives here.
 
@@ -47,6 +48,7 @@ from fastmemit.keys_values import (
     value_site,
 )
 from fastmemit.layer_memory import LayerMemory
+from fastmemit.linalg import restrained_update
 from fastmemit.lm import model_context, target_ids
 from fastmemit.methods import EditHparams, EditMethod, LayerState, get_method
 from fastmemit.models.arch import as_math, check_layers, get_arch, mlp_down_weight, num_layers
@@ -385,6 +387,8 @@ class Editor:
             delta = self.method.layer_delta(self.hp, state, K, R, W)  # (d, d_k) float64, math orientation
             if not torch.isfinite(delta).all():
                 raise EditError(f"{self.method.name} produced a non-finite update at layer {layer}")
+            if self.hp.prune_log_base:  # PRUNE, a projection after any closed-form solve
+                delta = _restrained(state, W, delta, self.hp.prune_log_base)
             if batch.diag is not None:
                 batch.diag.observe(state, K, R, W, delta, t.z)
             batch.add(self.model, layer, delta, self.arch.fan_in_fan_out)
@@ -394,6 +398,15 @@ class Editor:
         diag_s = batch.diag.seconds - diag_s if batch.diag is not None else 0.0
         batch.timings["stats"] += stats
         batch.timings["solve"] += time.perf_counter() - t0 - stats - diag_s
+
+
+def _restrained(state: LayerState, W: torch.Tensor, delta: torch.Tensor, base: float) -> torch.Tensor:
+    """Δ' (d, d_k) float64: PRUNE's restraint of the accumulated edit W + Δ − W0 with cap σ_max(W0), the
+    unedited layer's largest singular value (derived from W0: computed once per layer, kept in ``state.extra``)."""
+    W0 = state.w0.to(device=W.device, dtype=torch.float64)  # (d, d_k)
+    if "w0_sigma_max" not in state.extra:
+        state.extra = {**state.extra, "w0_sigma_max": torch.linalg.matrix_norm(W0, ord=2)}  # () float64
+    return restrained_update(W, W0, delta, float(state.extra["w0_sigma_max"]), base)
 
 
 def _batch_requests(method: EditMethod, hp: EditHparams,

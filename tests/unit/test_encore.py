@@ -4,7 +4,8 @@ Linear algebra on random float64 data first: the factored (Woodbury) solve equal
 d_k×d_k reference, it minimizes the objective it states, λ_n = 0 is MEMIT bit for bit, and a
 larger λ_n always gives a smaller update. Then the method on tiny random models: the anchor weight
 is read in math orientation (GPT-2's Conv1D too), and ten sequential batches drift less from the
-unedited weights than MEMIT's while every batch still reaches its targets.
+unedited weights than MEMIT's while every batch still reaches its targets. Last, PRUNE's restraint
+(``prune_log_base``), which the Editor applies after any closed-form method's solve.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fastmemit.linalg import (
     direct_norm_constrained_delta,
     norm_constrained_delta,
     restrain_spectrum,
+    restrained_update,
     ridge_system_delta,
 )
 from fastmemit.methods import EditHparams, LayerState, get_method
@@ -213,20 +215,16 @@ def test_restrain_spectrum_compresses_only_the_singular_values_above_the_cap():
         restrain_spectrum(D, cap, base=1.0)
 
 
-def test_prune_option_restrains_the_accumulated_edit_not_the_batch():
+def test_restrained_update_caps_the_accumulated_edit_and_leaves_small_ones_alone():
     p = problem(10, 20, 4, seed=13)
-    m = get_method("ENCORE")
-    hp = ENCOREHparams(layers=[0], mom2_update_weight=1e-3, norm_constraint=1e-3, add_prev_edits=False,
-                       prune_log_base=math.e)
-    state = LayerState(0, p["C0"], factor=FactoredCov(m.preserved_matrix(hp, p["C0"])), w0=p["W0"])
-    R = 1e3 * p["R"]  # an edit far larger than W0's own spectrum
-    delta = m.layer_delta(hp, state, p["K"], R, p["W"])
     cap = float(torch.linalg.matrix_norm(p["W0"], ord=2))
-    plain = m.layer_delta(hp.replace(prune_log_base=0.0), state, p["K"], R, p["W"])
-    total, total_plain = p["W"] + delta - p["W0"], p["W"] + plain - p["W0"]
-    assert float(torch.linalg.svdvals(total_plain)[0]) > 10 * cap
-    assert rel(total, restrain_spectrum(total_plain, cap)) < 1e-10
-    assert float(torch.linalg.svdvals(total)[0]) < cap + math.log(float(torch.linalg.svdvals(total_plain)[0]) / cap) + 1e-9
+    big = 1e3 * torch.randn(10, 20, dtype=F64, generator=torch.Generator().manual_seed(1))  # far above W0's spectrum
+    out = restrained_update(p["W"], p["W0"], big, cap, math.e)
+    total = p["W"] + out - p["W0"]
+    assert float(torch.linalg.svdvals(p["W"] + big - p["W0"])[0]) > 10 * cap
+    assert rel(total, restrain_spectrum(p["W"] + big - p["W0"], cap)) < 1e-10
+    small = 1e-3 * big
+    assert restrained_update(p["W0"], p["W0"], small, 1e6, math.e) is small  # nothing above the cap: Δ as it was
 
 
 # ----------------------------------------------------------------------------- hparams
@@ -399,6 +397,45 @@ def test_ten_sequential_batches_drift_less_than_memit_and_still_reach_their_targ
     assert max(g - m for g, m in zip(gap, memit_gap, strict=True)) < 0.15, (gap, memit_gap)
     if anchor == "original":  # the pull back to W0 bounds the drift: the last five batches add little
         assert drift[-1] - drift[4] < 0.5 * (memit_drift[-1] - memit_drift[4])
+
+
+# large edits on a tiny model (big δ, weak preservation): the accumulated edits' top singular values (4–25)
+# are far above σ_max(W0) ≈ 0.33 + ln(σ / σ_max(W0)), so PRUNE's logarithmic map changes them
+BIG_EDITS = {"clamp_norm_factor": 4.0, "v_lr": 1.0, "mom2_update_weight": 1e-3}
+PRUNE_CASES = {"EMMET": {}, "MEMIT": {}, "AlphaEdit": {"L2": 1e-3}, "ENCORE": {"norm_constraint": TINY_NORM}}
+
+
+@pytest.mark.parametrize("method", list(PRUNE_CASES))
+def test_prune_restrains_every_closed_form_methods_accumulated_edit(tokenizer, corpus, workdir, monkeypatch, method):
+    """prune_log_base is a projection after any method's solve: after each of two sequential batches, every
+    edited layer holds W0 + PRUNE(W + Δ − W0) with Δ the method's own solve and cap σ_max(W0)."""
+    model = tiny_llm("llama", len(tokenizer))
+    layers = small_hparams()["layers"]
+    w0 = math_weights(model, layers)
+    cap = {layer: float(torch.linalg.matrix_norm(w0[layer], ord=2)) for layer in layers}
+    rec = Recorder(method, monkeypatch)
+    ed = editor(model, tokenizer, corpus, workdir, method, prune_log_base=math.e, **BIG_EDITS, **PRUNE_CASES[method])
+    for b in range(2):
+        rec.calls.clear()
+        ed.edit(REQUESTS[2 * b : 2 * b + 2])
+        now = math_weights(model, layers)
+        assert [c["layer"] for c in rec.calls] == layers
+        for c in rec.calls:
+            raw = c["W"] + c["delta"] - w0[c["layer"]]  # (d, d_k) the accumulated edit the solve alone would give
+            top_raw = float(torch.linalg.svdvals(raw)[0])
+            tamed = cap[c["layer"]] + math.log(top_raw / cap[c["layer"]])
+            assert top_raw > tamed + 0.5  # PRUNE's map changes this edit
+            want = w0[c["layer"]] + restrain_spectrum(raw, cap[c["layer"]])
+            assert rel(now[c["layer"]], want) < 1e-5, (method, b, c["layer"])
+            assert float(torch.linalg.svdvals(now[c["layer"]] - w0[c["layer"]])[0]) <= tamed + 1e-4
+
+
+def test_prune_is_refused_for_ft_before_any_work(tokenizer, corpus, workdir):
+    model = tiny_llm("llama", len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EditError, match="prune_log_base: FT fits its weights"):
+        Editor(model, tokenizer, "FT", {"layers": [0], "prune_log_base": math.e}, show_progress=False).edit(REQUESTS[:1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_failed_batch_leaves_the_carried_keys_as_they_were_and_checkpoints_carry_them(tokenizer, corpus,

@@ -79,6 +79,9 @@ class EditMethod:
     def validate(self, hp: EditHparams, n_requests: int) -> None:
         if self.single_layer and len(hp.layers) != 1:
             raise EditError(f"{self.name} edits exactly one layer; hparams.layers = {hp.layers}")
+        if self.fits_weights and hp.prune_log_base:
+            raise EditError(f"hparams.prune_log_base: {self.name} fits its weights by gradient steps; PRUNE's "
+                            "restraint applies after the closed-form methods' solves (set it to 0)")
 
     # --- what the method needs from the statistics ------------------------------------------------
     def preserved(self, hp: EditHparams) -> PreservedMatrix:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastmemit.errors import EditError
-from fastmemit.linalg import FactoredCov, norm_constrained_delta, restrain_spectrum
+from fastmemit.linalg import FactoredCov, norm_constrained_delta
 from fastmemit.methods.base import EditMethod, LayerState, register_method
 from fastmemit.methods.hparams import EditHparams, _help
 from fastmemit.stats.provider import PreservedMatrix
@@ -35,9 +35,6 @@ class ENCOREHparams(EditHparams):
         "d_k×d_k state and one O(d_k³) Cholesky a layer a batch)", True)
     equality_constraint: bool = _help(
         "EMMET form: memorize the batch exactly up to the ridge emmet_lambda instead of MEMIT's least squares", False)
-    prune_log_base: float = _help(
-        "PRUNE after the solve (0: off; e is PRUNE's default): singular values of W + Δ − W0 above σ_max(W0) "
-        "are compressed logarithmically, capping the edited matrix's condition number", 0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,8 +42,6 @@ class ENCOREHparams(EditHparams):
             raise EditError(f"hparams.norm_constraint must be non-negative, got {self.norm_constraint}")
         if self.norm_anchor not in ANCHORS:
             raise EditError(f"hparams.norm_anchor must be one of {', '.join(ANCHORS)}, got {self.norm_anchor!r}")
-        if self.prune_log_base and not self.prune_log_base > 1:
-            raise EditError(f"hparams.prune_log_base must be 0 (off) or a logarithm base > 1, got {self.prune_log_base}")
 
 
 class ENCORE(EditMethod):
@@ -69,8 +64,7 @@ class ENCORE(EditMethod):
         if hp.equality_constraint and K.shape[1] > F.dim:
             raise EditError(f"ENCORE (equality form) cannot satisfy {K.shape[1]} constraints with d_k = {F.dim}")
         mu = hp.emmet_lambda if hp.equality_constraint else 1.0
-        delta = norm_constrained_delta(R, K, F, mu, self._pull(hp, state, W))  # (d, d_k)
-        return self._prune(hp, state, W, delta) if hp.prune_log_base else delta
+        return norm_constrained_delta(R, K, F, mu, self._pull(hp, state, W))  # (d, d_k)
 
     def _pull(self, hp: ENCOREHparams, state: LayerState, W: torch.Tensor | None) -> torch.Tensor | None:
         """P = λ_n (W0 − W), (d, d_k) float64, for the 'original' anchor; None when it vanishes."""
@@ -78,14 +72,6 @@ class ENCORE(EditMethod):
             return None
         W, W0 = self._weights(state, W, "norm_anchor='original'")
         return hp.norm_constraint * (W0 - W)  # (d, d_k)
-
-    def _prune(self, hp: ENCOREHparams, state: LayerState, W: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-        """Δ' with W + Δ' − W0 = PRUNE's restraint of W + Δ − W0, cap σ_max(W0): (d, d_k) float64."""
-        W, W0 = self._weights(state, W, "prune_log_base")
-        if "w0_sigma_max" not in state.extra:  # derived from W0 (fixed): computed once per layer
-            state.extra["w0_sigma_max"] = torch.linalg.matrix_norm(W0, ord=2)  # () float64
-        D = restrain_spectrum(W + delta - W0, float(state.extra["w0_sigma_max"]), hp.prune_log_base)  # (d, d_k)
-        return D - (W - W0)  # (d, d_k)
 
     def _weights(self, state: LayerState, W: torch.Tensor | None, why: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, W0) in float64 on W's device, both (d, d_k); an error naming ``why`` when either is missing."""

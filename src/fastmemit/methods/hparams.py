@@ -88,6 +88,10 @@ class EditHparams:
     emmet_ridge_one_edit: bool = _help(
         "EMMET: add emmet_lambda·I also for a batch of one request (false: the seed's rule, only for B > 1, so that "
         "one request is exactly ROME's closed form; research-code files default to false)", True)
+    prune_log_base: float = _help(
+        "PRUNE (Ma et al. 2025, arXiv 2405.16821) after every layer's solve, for every closed-form method (0: off; e "
+        "is PRUNE's default base): singular values of the accumulated edit W + Δ − W0 above σ_max(W0) are compressed "
+        "logarithmically, capping the edited matrix's condition number", 0.0)
     mom2_n_samples: int = _help("classic MEMIT count: number of keys (tokens) for C0 when dynamic is false; -1: the whole corpus", 100000)
     mom2_dtype: str = _help("research-code field; our statistics always accumulate in float64", "float32")
     dynamic: bool = _help("FastMEMIT: C0 from dynamic_multiplier × d_k keys instead of mom2_n_samples", False)
@@ -174,6 +178,8 @@ class EditHparams:
         for pair in self.context_template_length_params:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 0:
                 raise EditError(f"hparams.context_template_length_params entries are [length ≥ 1, count ≥ 0], got {pair}")
+        if self.prune_log_base and not self.prune_log_base > 1:
+            raise EditError(f"hparams.prune_log_base must be 0 (off) or a logarithm base > 1, got {self.prune_log_base}")
         if self.v_early_stop not in ("nll", "loss", "mpes"):
             raise EditError(f"hparams.v_early_stop must be 'nll', 'loss' or 'mpes', got {self.v_early_stop!r}")
         if self.v_site not in ("auto", "block", "matrix"):
