@@ -20,6 +20,10 @@ the logs (one per method); running the same command again continues where it sto
 
     OMP_NUM_THREADS=1 python bench/sweep_smollm2.py --cases 200 --held-aside 100
     python bench/sweep_smollm2.py --report      # the tables of docs/hparams-sweep.md from the logs
+
+Two processes can share the work on two cores: a second one sweeps other windows into its own files
+(``--windows 3-7 --no-trace --no-builtin-held --out <prefix2> --targets <file2>``), and
+``--merge-from <prefix2>`` adds its trials to the main logs afterwards.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ def parse_args() -> argparse.Namespace:
                     help="z* kept across restarts (a cache, outside the repository)")
     ap.add_argument("--stats-cache", type=Path, default=cache_dir() / "sweep-stats",
                     help="statistics and factor cache (one factor file per λ and layer: delete it after the sweep)")
+    ap.add_argument("--no-builtin-held", action="store_true",
+                    help="do not score the built-ins on the held-aside cases (a second process sweeping other windows)")
+    ap.add_argument("--merge-from", type=Path, default=None,
+                    help="add the trials of another --out prefix's logs (same cases and settings) to --out's, and exit")
     ap.add_argument("--report", action="store_true", help="print the markdown tables from the logs and exit")
     return ap.parse_args()
 
@@ -72,6 +80,9 @@ def main() -> None:
     args = parse_args()
     if args.report:
         print(report(args.out))
+        return
+    if args.merge_from is not None:
+        merge_logs(args.out, args.merge_from)
         return
     model, tok = load_model("smollm2-135m")
     cases = load_counterfact(args.data / "counterfact-train.json", dataset_size_limit=args.cases + args.held_aside + 200)
@@ -107,7 +118,7 @@ def main() -> None:
         best = sweep_window(run, runners, window, args)
         for m in METHODS:
             run(m, best[m].config, "held", "held-aside")
-            if i == 0:
+            if i == 0 and not args.no_builtin_held:
                 run(m, config_of(runners[m].base), "held", "held-aside (built-in)")
 
 
@@ -164,6 +175,25 @@ def sweep_window(run: Any, runners: dict[str, TrialRunner], window: list[int], a
             trials += [run(m, {**top.config, "emmet_lambda": float(mu)}, "tune", "μ") for mu in args.mus.split(",")]
         best[m] = max((t for t in trials if t.status == "done"), key=lambda t: t.key)
     return best
+
+
+def merge_logs(out: Path, other: Path) -> None:
+    """Add the trials of ``<other>-{EMMET,MEMIT}.json`` to ``<out>-…``: two processes that swept different
+    windows on the same cases (their contexts must be equal); a trial both hold is kept from ``out``."""
+    merged = {}
+    for m in METHODS:  # every context checked before anything is written
+        src, dst = Path(f"{other}-{m}.json"), Path(f"{out}-{m}.json")
+        if not src.is_file():
+            continue
+        theirs = read_json(src, "sweep log", ValueError)
+        ours = read_json(dst, "sweep log", ValueError) if dst.is_file() else {**theirs, "trials": []}
+        if ours["context"] != theirs["context"]:
+            raise SystemExit(f"{src} and {dst} come from different sweeps (their contexts differ): nothing merged")
+        have = {(t["cases"], config_key(t["config"])) for t in ours["trials"]}
+        merged[m] = (src, dst, ours, [t for t in theirs["trials"] if (t["cases"], config_key(t["config"])) not in have])
+    for m, (src, dst, ours, new) in merged.items():
+        write_json_atomic(dst, {**ours, "trials": ours["trials"] + new})
+        print(f"{m}: {len(new)} trials from {src} added to {dst}")
 
 
 # ----------------------------------------------------------------------------- report
