@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,35 @@ N_HEADS = 4
 ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text")
 # gpt2 with n_inner == n_embd: a square Conv1D, the case where guessing orientation from shapes fails
 ALL_VARIANTS = (*ARCHS, "gpt2_square")
+
+
+# words of the tiny statistics corpora (with decoded random token ids: see write_tiny_corpus)
+CORPUS_WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
+                "year born war state team album film school university history game Paris 1984 ( ) , .").split()
+
+
+def write_tiny_corpus(path: Path, tok: Any, words: Sequence[str] = CORPUS_WORDS) -> Path:
+    """A statistics corpus of 60 documents, each of random ``words`` and decoded random token ids, seeded.
+
+    The random tokens matter: in parallel blocks (GPT-J, NeoX) layer 0's keys depend on the token
+    alone, so E[k kᵀ] from 2·d_k keys is full rank only if they hold more than d_k distinct tokens."""
+    rng = random.Random(0)
+    with Path(path).open("w") as f:
+        for i in range(60):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))
+            noise = tok.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
+            f.write(json.dumps({"title": f"doc {i}", "text": f"{text} {noise}"}) + "\n")
+    return Path(path)
+
+
+def small_hparams(**changes: Any) -> dict[str, Any]:
+    """Hparams for edits of the tiny models: layers 0–1, 3 v* steps, 2 short templates, FastMEMIT statistics
+    (dm 2), λ 100; ``changes`` override."""
+    hp: dict[str, Any] = dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]],
+                              dynamic=True, dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64,
+                              stats_batch_size=4)
+    hp.update(changes)
+    return hp
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +26,15 @@ from fastmemit.models.arch import as_math, get_arch, mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
 from fastmemit.requests import EditRequest
 from fastmemit.stats import provider
-from tests.helpers import ALL_VARIANTS, HIDDEN, INNER, tiny_llm
+from tests.helpers import ALL_VARIANTS, HIDDEN, INNER, small_hparams, tiny_llm, write_tiny_corpus
 
 REQ = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
        "target_true": "French"}
 # the research code's record form, with nested {"str": ...} targets
 REQ_CF = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays the", "subject": "Toko Yasuda",
                                               "target_new": {"str": "piano"}, "target_true": {"str": "guitar"}}}
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 
 
-def small_hparams(**changes: Any) -> dict[str, Any]:
-    hp: dict[str, Any] = dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]],
-                              dynamic=True, dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64,
-                              stats_batch_size=4)
-    hp.update(changes)
-    return hp
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -67,14 +58,7 @@ def corpus(workdir, tokenizer) -> Path:
     The random tokens matter: in parallel blocks (GPT-J, NeoX) layer 0's keys depend on the token
     alone, so E[k kᵀ] from 2·d_k keys is full rank only if they hold more than d_k distinct tokens.
     """
-    rng = random.Random(0)
-    path = workdir / "corpus.jsonl"
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
+    return write_tiny_corpus(workdir / "corpus.jsonl", tokenizer)
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ unedited weights than MEMIT's while every batch still reaches its targets. Last,
 from __future__ import annotations
 
 import copy
-import json
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from fastmemit.methods import EditHparams, LayerState, get_method
 from fastmemit.methods.encore import ENCOREHparams
 from fastmemit.models.arch import as_math, get_arch, mlp_down_weight
 from fastmemit.utils import read_json
-from tests.helpers import SRC, tiny_llm
+from tests.helpers import SRC, small_hparams, tiny_llm, write_tiny_corpus
 
 F64 = torch.float64
 # (d, d_k, B): hidden size, key size, edits per batch
@@ -258,8 +256,6 @@ def test_builtin_smollm2_hparams_are_memits_plus_the_papers_norm_constraint():
 
 # ----------------------------------------------------------------------------- tiny models
 
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 NAMES = ("Anna Berg", "Carl Dunn", "Eva Frost", "Gil Hart", "Ida Jones", "Ken Lowe", "Mia North", "Oli Price",
          "Rae Stone", "Tom Upton", "Uma Vale", "Will Xu", "Yan Zell", "Abe Cole", "Bea Dart", "Cy Eames",
          "Dee Fox", "Ed Gray", "Flo Hale", "Gus Ives")
@@ -269,12 +265,6 @@ REQUESTS = [{"prompt": "{} plays the", "subject": n, "target_new": INSTRUMENTS[i
 TINY_NORM = 1e-4
 
 
-def small_hparams(**changes: Any) -> dict[str, Any]:
-    hp: dict[str, Any] = dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]],
-                              dynamic=True, dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64,
-                              stats_batch_size=4)
-    hp.update(changes)
-    return hp
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -294,14 +284,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus(workdir, tokenizer) -> Path:
     """Words plus decoded random token ids (enough distinct tokens for a full-rank E[k kᵀ])."""
-    rng = random.Random(0)
-    path = workdir / "corpus.jsonl"
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
+    return write_tiny_corpus(workdir / "corpus.jsonl", tokenizer)
 
 
 def editor(model, tok, corpus, workdir, method: str, **changes: Any) -> Editor:

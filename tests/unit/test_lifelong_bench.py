@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,10 @@ import pytest
 
 from fastmemit.downstream import DownstreamDataError
 from fastmemit.downstream import default_data_dir as downstream_data_dir
-from tests.helpers import REPO, tiny_llm
+from tests.helpers import REPO, tiny_llm, write_tiny_corpus
 
 HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
                dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Honda Civic", "Michel Denisot"]
 OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", "Apple", "violin", "Berlin"]
 
@@ -46,12 +43,7 @@ def setup(tmp_path_factory, tokenizer) -> dict[str, Path]:
     model = tiny_llm("llama", len(tokenizer))
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
-    rng = random.Random(0)
-    with (work / "corpus.jsonl").open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
+    write_tiny_corpus(work / "corpus.jsonl", tokenizer)
     records = [{"case_id": 500 + i, "prompt": f"{SUBJECTS[i % 6]} plays the", "target_new": OBJECTS[i % 10],
                 "subject": SUBJECTS[i % 6], "ground_truth": OBJECTS[(i + 3) % 10],
                 "rephrase_prompt": f"In the city, {SUBJECTS[i % 6]} is known for the",

@@ -9,8 +9,6 @@ dense solve, the keys and targets recomputed on the model as it was at each laye
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +20,9 @@ from fastmemit.editing import Editor, TargetCache, write_weights
 from fastmemit.keys_values import keys_and_outputs, rewrite_rows
 from fastmemit.models.arch import as_math, get_arch, mlp_down_weight
 from fastmemit.requests import EditRequest
-from tests.helpers import tiny_llm
+from tests.helpers import tiny_llm, write_tiny_corpus
 
 F64 = torch.float64
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 REQS = [
     {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano", "target_true": "guitar"},
     {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English",
@@ -60,14 +56,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(workdir, tokenizer) -> Path:
-    rng = random.Random(0)
-    path = workdir / "corpus.jsonl"
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
+    return write_tiny_corpus(workdir / "corpus.jsonl", tokenizer)
 
 
 def editor(model, tok, corpus, workdir, method="EMMET", **kw: Any) -> Editor:

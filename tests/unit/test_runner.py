@@ -11,7 +11,6 @@ folders (``FASTMEMIT_CACHE`` included).
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import subprocess
@@ -31,12 +30,10 @@ from fastmemit.eval import RunConfig, run_evaluation, summarize
 from fastmemit.eval.config import ALIASES
 from fastmemit.eval.datasets import DatasetError
 from fastmemit.eval.runner import load_cases
-from tests.helpers import REPO, tiny_llm
+from tests.helpers import REPO, tiny_llm, write_tiny_corpus
 
 HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
                dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Thomas Joannes Stieltjes",
             "Anaal Nathrakh", "Honda Civic", "Michel Denisot", "Pervez Musharraf", "Adobe Flash"]
 OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", "Apple", "violin", "Berlin"]
@@ -66,13 +63,7 @@ def cf_record(i: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def files(work, tokenizer) -> dict[str, Path]:
-    rng = random.Random(0)
-    corpus = work / "corpus.jsonl"
-    with corpus.open("w") as f:
-        for i in range(60):  # words and random tokens, so that 2·d_k keys give a full-rank E[kkᵀ]
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
+    corpus = write_tiny_corpus(work / "corpus.jsonl", tokenizer)
     data = work / "data"
     (data / "seed-samples").mkdir(parents=True)
     cf = data / "cf.json"

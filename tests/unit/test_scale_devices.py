@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,19 +35,12 @@ from fastmemit.models import (
     resolve_device_map,
 )
 from fastmemit.stats import compute_layer_stats
-from tests.helpers import tiny_llm
+from tests.helpers import small_hparams, tiny_llm, write_tiny_corpus
 
 REQS = [{"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
         {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano"}]
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 
 
-def small_hparams(**changes):
-    hp = dict(layers=[0, 1], v_num_grad_steps=3, context_template_length_params=[[3, 2]], dynamic=True,
-              dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
-    hp.update(changes)
-    return hp
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,14 +61,7 @@ def private_cache(workdir, monkeypatch):
 @pytest.fixture(scope="module")
 def corpus(workdir, tokenizer) -> Path:
     """Words and decoded random token ids (so that 2·d_k keys give a full-rank E[k kᵀ])."""
-    rng = random.Random(0)
-    path = workdir / "corpus.jsonl"
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
+    return write_tiny_corpus(workdir / "corpus.jsonl", tokenizer)
 
 
 def spread_map(model: nn.Module, device: str = "cpu") -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,10 @@ import fastmemit
 from fastmemit.editing import edit
 from fastmemit.models import load_model
 from fastmemit.stats import compute_layer_stats
-from tests.helpers import REPO, TESTS, tiny_llm
+from tests.helpers import REPO, TESTS, tiny_llm, write_tiny_corpus
 from tests.scale_dist_worker import CACHED, EDIT_HP, REQS, SCENARIOS
 
 SRC = Path(fastmemit.__file__).resolve().parents[1]
-WORDS = ("the a of to in is was for on that with as by at from his her it an are were which city river music "
-         "year born war state team album film school university history game Paris 1984 ( ) , .").split()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,12 +64,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def work(tmp_path_factory, tokenizer) -> Path:
     """A corpus (words and decoded random token ids: full-rank statistics), the tiny llama saved to a folder."""
     work = tmp_path_factory.mktemp("dist")
-    rng = random.Random(0)
-    with (work / "corpus.jsonl").open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
+    write_tiny_corpus(work / "corpus.jsonl", tokenizer)
     tiny_llm("llama", len(tokenizer)).save_pretrained(work / "tiny-llama")
     tokenizer.save_pretrained(work / "tiny-llama")
     (work / "hp.json").write_text(json.dumps(EDIT_HP))

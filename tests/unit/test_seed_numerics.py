@@ -5,7 +5,6 @@ closed form), the six context templates MEMIT/EMMET hard-code, and recompute_sta
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from fastmemit.linalg import FactoredCov
 from fastmemit.methods import EditHparams, LayerState, get_method
 from fastmemit.models.arch import mlp_down_weight
 from fastmemit.stats import provider
-from tests.helpers import TESTS, tiny_llm
+from tests.helpers import TESTS, tiny_llm, write_tiny_corpus
 
 F64 = torch.float64
 DATA = TESTS / "data" / "seed_hparams"
@@ -38,14 +37,7 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tokenizer) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("seed-numerics") / "corpus.jsonl"
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tokenizer.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
+    return write_tiny_corpus(tmp_path_factory.mktemp("seed-numerics") / "corpus.jsonl", tokenizer, WORDS)
 
 
 def _problem(d: int, d_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

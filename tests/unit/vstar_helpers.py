@@ -10,8 +10,6 @@ from the subject to the last position.
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from fastmemit import editing
 from fastmemit.editing import Editor, EditResult
 from fastmemit.keys_values import TargetResult
 from fastmemit.requests import EditRequest
-from tests.helpers import tiny_llm
+from tests.helpers import tiny_llm, write_tiny_corpus
 
 POST_NORM = ("gemma2", "gemma3_text")
 PROMPTS = [("The mother tongue of {} is", "Danielle Darrieux"), ("{} plays the", "Toko Yasuda")]
@@ -32,13 +30,7 @@ WORDS = ("the a of to in is was for on that with as by at from his her it an are
 
 def write_corpus(path: Path, tok: Any) -> Path:
     """Words and decoded random token ids (enough distinct keys for a full-rank E[k kᵀ])."""
-    rng = random.Random(0)
-    with path.open("w") as f:
-        for i in range(60):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-            noise = tok.decode([rng.randrange(300, 30000) for _ in range(rng.randint(10, 40))])
-            f.write(json.dumps({"title": f"doc {i}", "text": f"{words} {noise}"}) + "\n")
-    return path
+    return write_tiny_corpus(path, tok, WORDS)
 
 
 def editable_model(arch: str, vocab: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
