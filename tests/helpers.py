@@ -65,6 +65,23 @@ def small_hparams(**changes: Any) -> dict[str, Any]:
     return hp
 
 
+# run tests (fastmemit evaluate on the tiny llama): hparams and made-up CounterFact records
+RUN_HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
+                   dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
+CF_SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Thomas Joannes Stieltjes",
+               "Anaal Nathrakh", "Honda Civic", "Michel Denisot", "Pervez Musharraf", "Adobe Flash"]
+CF_OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", "Apple", "violin", "Berlin"]
+
+
+def cf_record(i: int) -> dict[str, Any]:
+    """Made-up CounterFact record i (research-code flat form), case id 100 + i."""
+    s, new = CF_SUBJECTS[i % len(CF_SUBJECTS)], CF_OBJECTS[i % len(CF_OBJECTS)]
+    true = CF_OBJECTS[(i + 3) % len(CF_OBJECTS)]
+    return {"case_id": 100 + i, "prompt": f"{s} plays the", "target_new": new, "subject": s, "ground_truth": true,
+            "rephrase_prompt": f"In the city, {s} is known for the", "locality_prompt": "John Lennon performs on the",
+            "locality_ground_truth": true}
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 

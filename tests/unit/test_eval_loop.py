@@ -19,10 +19,9 @@ from fastmemit.eval import edit_batches
 from fastmemit.eval.metrics import score_targets
 from fastmemit.models.arch import mlp_down_weight
 from fastmemit.models.fingerprint import model_fingerprint
-from tests.helpers import tiny_llm
+from tests.helpers import RUN_HPARAMS, tiny_llm
 
-HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
-               dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
+HPARAMS = RUN_HPARAMS
 SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Honda Civic"]
 OBJECTS = ["piano", "guitar", "French", "English", "Paris"]
 REQUESTS = [{"prompt": "{} plays the", "subject": s, "target_new": OBJECTS[i], "target_true": OBJECTS[(i + 2) % 5]}

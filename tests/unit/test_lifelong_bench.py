@@ -14,10 +14,9 @@ import pytest
 
 from fastmemit.downstream import DownstreamDataError
 from fastmemit.downstream import default_data_dir as downstream_data_dir
-from tests.helpers import REPO, tiny_llm, write_tiny_corpus
+from tests.helpers import REPO, RUN_HPARAMS, tiny_llm, write_tiny_corpus
 
-HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
-               dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
+HPARAMS = RUN_HPARAMS
 SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Honda Civic", "Michel Denisot"]
 OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", "Apple", "violin", "Berlin"]
 

@@ -22,13 +22,9 @@ from fastmemit.errors import RunError
 from fastmemit.eval import RunConfig, run_evaluation
 from fastmemit.eval.collapse import CollapseMonitor, CollapseRules
 from fastmemit.eval.plots import plot_lifelong
-from tests.helpers import tiny_llm, write_tiny_corpus
+from tests.helpers import RUN_HPARAMS, cf_record, tiny_llm, write_tiny_corpus
 
-HPARAMS = dict(layers=[0, 1], v_num_grad_steps=2, context_template_length_params=[[3, 1]], dynamic=True,
-               dynamic_multiplier=2, mom2_update_weight=100, stats_seq_len=64, stats_batch_size=4)
-SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Edwin of Northumbria", "Apple A5", "Thomas Joannes Stieltjes",
-            "Anaal Nathrakh", "Honda Civic", "Michel Denisot", "Pervez Musharraf", "Adobe Flash"]
-OBJECTS = ["piano", "guitar", "French", "English", "Paris", "London", "Toyota", "Apple", "violin", "Berlin"]
+HPARAMS = RUN_HPARAMS
 N_CASES = 7  # edits_per_batch 3 → batches of 3, 3, 1
 
 
@@ -45,11 +41,6 @@ def work(tmp_path_factory) -> Path:
 
 
 
-def cf_record(i: int) -> dict[str, Any]:
-    s, new, true = SUBJECTS[i % len(SUBJECTS)], OBJECTS[i % len(OBJECTS)], OBJECTS[(i + 3) % len(OBJECTS)]
-    return {"case_id": 100 + i, "prompt": f"{s} plays the", "target_new": new, "subject": s, "ground_truth": true,
-            "rephrase_prompt": f"In the city, {s} is known for the", "locality_prompt": "John Lennon performs on the",
-            "locality_ground_truth": true}
 
 
 @pytest.fixture(scope="module")
