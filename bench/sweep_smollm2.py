@@ -14,7 +14,8 @@ others of ``--windows``):
 - the held-aside cases: the window's best EMMET and best MEMIT configuration (and, once, the
   built-ins), so that a sweep stopped early still has validated rows.
 
-The choice per method is the best held-aside Score (ties: the tuning Score). z* is shared between
+The choice per method is the best held-aside Score (ties: the held-aside mean of the magnitudes EM, PM,
+NM, then the tuning Score). z* is shared between
 the methods and grid points, and kept in ``--targets`` (in the user cache) across restarts. Every finished trial is in
 the logs (one per method); running the same command again continues where it stopped.
 
@@ -203,12 +204,13 @@ def report(out: Path) -> str:
     """Markdown tables: every tuning trial, then the held-aside trials and each method's choice."""
     unedited = read_json(Path(f"{out}-unedited.json"), "unedited scores", ValueError)
     logs = {m: read_json(Path(f"{out}-{m}.json"), "sweep log", ValueError) for m in METHODS if Path(f"{out}-{m}.json").is_file()}
-    head = "| method | layers | λ | μ | ES | PS | NS | Score | EM | s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    head = ("| method | layers | λ | μ | ES | PS | NS | Score | EM | PM | NM | s |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def row(m: str, t: dict[str, Any]) -> str:
         c, s = t["config"], t["scores"]
         mu = f"{c['emmet_lambda']:g}" if m == "EMMET" else "-"
-        cells = [f"{s[k]:.1f}" if k in s else "-" for k in ("es", "ps", "ns", "score", "em")]
+        cells = [f"{s[k]:.1f}" if k in s else "-" for k in ("es", "ps", "ns", "score", "em", "pm", "nm")]
         return f"| {m} | {c['layers'][0]}-{c['layers'][-1]} | {c['mom2_update_weight']:g} | {mu} | " + " | ".join(cells) + f" | {t['seconds']:.0f} |"
 
     parts = []
@@ -225,7 +227,7 @@ def report(out: Path) -> str:
         held = [t for t in log["trials"] if t["cases"] == "held" and t["status"] == "done"]
         if held:
             tuned = {config_key(t["config"]): t for t in log["trials"] if t["cases"] == "tune" and t["status"] == "done"}
-            pick = max(held, key=lambda t: (round(t["scores"]["score"], 9),
+            pick = max(held, key=lambda t: (*TrialResult(**t).key,  # held-aside Score, then its mean EM/PM/NM
                                             tuned.get(config_key(t["config"]), {"scores": {"score": -1}})["scores"]["score"]))
             parts.append(f"{m} choice on the held-aside cases: {row(m, pick)}")
     return "\n\n".join(parts)
