@@ -169,10 +169,12 @@ def _downstream(checks: list[dict[str, Any]]) -> dict[str, Any]:
     if not checks:
         return {}
     base, last = checks[0], checks[-1]
-    per_task = {f"{r['task']}/{r['mode']}": r["accuracy"] for r in last["records"]}
+    def per_task(check: dict[str, Any]) -> dict[str, float]:
+        return {f"{r['task']}/{r['mode']}": r["accuracy"] for r in check["records"]}
+
     return {"baseline_acc": mean(base["records"], "accuracy"), "last_acc": mean(last["records"], "accuracy"),
             "last_edits": last["edits_so_far"], "last_invalid": mean(last["records"], "invalid", "generate"),
-            "last_per_task": per_task}
+            "baseline_per_task": per_task(base), "last_per_task": per_task(last)}
 
 
 def report_row(c: Config, d: Path) -> dict[str, Any]:
@@ -210,10 +212,18 @@ def _f(v: Any, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _per_task(ds: dict[str, Any]) -> str:
+    """'sst2 0.70→0.64, rte …': each task's generate-mode accuracy at the baseline and the last check."""
+    base, last = ds.get("baseline_per_task") or {}, ds.get("last_per_task") or {}
+    cells = [f"{k.split('/')[0]} {_f(base.get(k), '{:.2f}')}→{v:.2f}" for k, v in last.items() if k.endswith("/generate")]
+    return ", ".join(cells) or "-"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| config | status | edits | post ES / PS / NS (at edit) | all edits so far ES / PS / NS / Score (at n) | "
-            "NS unedited (same cases) | downstream acc base → last (at n) | invalid | max ‖W−W0‖/‖W0‖ | edits/s | hours |")
-    lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
+            "NS unedited (same cases) | downstream acc base → last (at n) | per task (generate), base → last | invalid | "
+            "max ‖W−W0‖/‖W0‖ | edits/s | hours |")
+    lines = [head, "| " + " | ".join(["---"] * 12) + " |"]
     for r in rows:
         post, a, ds = r.get("post") or {}, r.get("all_so_far") or {}, r.get("downstream") or {}
         lines.append(" | ".join([
@@ -224,6 +234,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             _f(a.get("ns_unedited") if a.get("ns_unedited") is not None else (r.get("pre") or {}).get("ns")),
             f"{_f(ds.get('baseline_acc'), '{:.3f}')} → {_f(ds.get('last_acc'), '{:.3f}')} ({ds.get('last_edits')})"
             if ds else "-",
+            _per_task(ds),
             _f(ds.get("last_invalid"), "{:.2f}"), _f(r.get("max_rel_distance"), "{:.3f}"),
             _f(r.get("edits_per_second"), "{:.2f}"), _f((r.get("time_seconds") or 0) / 3600, "{:.2f}"),
         ]) + " |")
