@@ -230,7 +230,8 @@ def report(out: Path) -> str:
             pick = max(held, key=lambda t: (*TrialResult(**t).key,  # held-aside Score, then its mean EM/PM/NM
                                             tuned.get(config_key(t["config"]), {"scores": {"score": -1}})["scores"]["score"]))
             parts.append(f"{m} choice on the held-aside cases: {row(m, pick)}")
-            base = next((t for t in held if config_key(t["config"]) == config_key(config_of(builtin_hparams(m, "smollm2-135m")))), None)
+            builtin = config_key(config_of(builtin_hparams(m, "smollm2-135m")))
+            base = next((t for t in held if config_key(t["config"]) == builtin), None)
             if base is not None:
                 d_score = pick["scores"]["score"] - base["scores"]["score"]
                 d_mag = TrialResult(**pick).key[1] - TrialResult(**base).key[1]

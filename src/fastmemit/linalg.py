@@ -196,7 +196,8 @@ def restrained_update(W: torch.Tensor, W0: torch.Tensor, delta: torch.Tensor, ca
     """PRUNE as a projection after any solve: Δ' (d, d_k) float64 with W + Δ' − W0 = :func:`restrain_spectrum`
     of the accumulated edit W + Δ − W0 (W the weight before Δ, W0 the unedited weight, all (d, d_k) in math
     orientation). ``delta`` itself (the same tensor) when no singular value of W + Δ − W0 exceeds ``cap``."""
-    D = W.to(F64) + delta.to(F64) - W0.to(F64)  # (d, d_k) the accumulated edit with this Δ
+    drift = W.to(F64) - W0.to(F64)  # (d, d_k) the accumulated edit before this Δ
+    D = drift + delta.to(F64)  # (d, d_k) and with it
     if float(torch.linalg.matrix_norm(D, ord=2)) <= cap:
         return delta
-    return restrain_spectrum(D, cap, base) - (W.to(F64) - W0.to(F64))  # (d, d_k)
+    return restrain_spectrum(D, cap, base) - drift  # (d, d_k)

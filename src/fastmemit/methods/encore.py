@@ -70,14 +70,11 @@ class ENCORE(EditMethod):
         """P = λ_n (W0 − W), (d, d_k) float64, for the 'original' anchor; None when it vanishes."""
         if hp.norm_anchor == "previous" or not hp.norm_constraint:
             return None
-        W, W0 = self._weights(state, W, "norm_anchor='original'")
-        return hp.norm_constraint * (W0 - W)  # (d, d_k)
-
-    def _weights(self, state: LayerState, W: torch.Tensor | None, why: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, W0) in float64 on W's device, both (d, d_k); an error naming ``why`` when either is missing."""
         if W is None or state.w0 is None:
-            raise EditError(f"ENCORE with {why} needs the current and the unedited weight of layer {state.layer}")
-        return W.to(F64), state.w0.to(device=W.device, dtype=F64)
+            raise EditError(f"ENCORE with norm_anchor='original' needs the current and the unedited weight of layer "
+                            f"{state.layer}")
+        W0 = state.w0.to(device=W.device, dtype=F64)  # (d, d_k)
+        return hp.norm_constraint * (W0 - W.to(F64))  # (d, d_k)
 
     def commit(self, hp: EditHparams, state: LayerState, K: torch.Tensor) -> None:
         assert isinstance(hp, ENCOREHparams)
