@@ -13,12 +13,16 @@
 5. ``vstop``: v* early stopping by the NLL rule vs ENCORE's most-probable early stopping (MPES) on the
    same CounterFact requests: v* seconds, steps, and ES/PS/NS/Score of the edited model (batched
    edits from the unedited weights, EMMET with the built-in smollm2 hparams).
+6. ``vdtype``: the same comparison for v*'s compute dtype (``v_compute_dtype``: the model's float32
+   vs bfloat16 autocast).
 
     python bench/bench_edit.py vstar --sizes 1,10,50 --steps 5
     python bench/bench_edit.py solve --dks 1536,6400,16384 --batch 10
     python bench/bench_edit.py methods --n 50
     python bench/bench_edit.py vmem --sizes 10,100,500 --max-rows 110 --steps 2
     python bench/bench_edit.py vstop --n 200 --batch 10
+    python bench/bench_edit.py vdtype --n 200 --batch 10
+    python bench/bench_edit.py methods --n 50 --methods EMMET --v-dtypes model,bfloat16
 """
 
 from __future__ import annotations
@@ -101,26 +105,28 @@ def bench_solve(dks: list[int], batch: int, d: int, batches: int) -> None:
         del C, F
 
 
-def bench_methods(n: int, corpus: str) -> None:
+def bench_methods(n: int, corpus: str, methods: list[str], dtypes: list[str | None]) -> None:
     from fastmemit import Editor, load_model
     from fastmemit.methods import get_method
 
     model, tok = load_model("smollm2-135m")
     reqs = _requests(n)
-    print(f"whole edit of {n} CounterFact facts on smollm2-135m (statistics cached after a warm-up)")
-    print(f"{'method':>10} {'seconds':>8} {'edits/s':>8}  phases")
-    for method in ("EMMET", "MEMIT", "AlphaEdit", "ROME"):
-        over = {"layers": [8], "clamp_norm_factor": 4.0} if method == "ROME" else {}
-        hp = get_method(method).hparams_cls.from_dict({**SMOL_HP, **over})
-        ed = Editor(model, tok, method, hp, corpus=corpus, show_progress=False)
-        ed.prepare_stats()  # warm the statistics cache: this measures the edit itself
-        todo = reqs if method != "ROME" else reqs[: max(1, n // 10)]
-        t0 = time.perf_counter()
-        res = ed.edit(todo)
-        dt = time.perf_counter() - t0
-        res.restore()
-        phases = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
-        print(f"{method:>10} {dt:>8.1f} {len(todo) / dt:>8.2f}  {phases}  ({len(todo)} edits)", flush=True)
+    print(f"whole edit of {n} CounterFact facts in one batch on smollm2-135m (statistics cached after a warm-up)")
+    print(f"{'method':>10} {'v dtype':>9} {'seconds':>8} {'edits/s':>8}  phases")
+    for method in methods:
+        for dtype in dtypes:
+            over = {"layers": [8], "clamp_norm_factor": 4.0} if method == "ROME" else {}
+            hp = get_method(method).hparams_cls.from_dict({**SMOL_HP, **over, "v_compute_dtype": dtype})
+            ed = Editor(model, tok, method, hp, corpus=corpus, show_progress=False)
+            ed.prepare_stats()  # warm the statistics cache: this measures the edit itself
+            todo = reqs if method != "ROME" else reqs[: max(1, n // 10)]
+            t0 = time.perf_counter()
+            res = ed.edit(todo)
+            dt = time.perf_counter() - t0
+            res.restore()
+            phases = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
+            print(f"{method:>10} {dtype or 'model':>9} {dt:>8.1f} {len(todo) / dt:>8.2f}  {phases}  ({len(todo)} edits)",
+                  flush=True)
 
 
 def vmem_one(n: int, max_rows: int, steps: int) -> None:
@@ -168,8 +174,9 @@ def bench_vmem(sizes: list[int], max_rows: int, steps: int, full_max: int, out: 
         Path(out).write_text(json.dumps(rows, indent=1))
 
 
-def bench_vstop(n: int, batch: int, corpus: str, out: str | None) -> None:
-    """NLL vs MPES early stopping, batched edits of the same cases, each batch from the unedited weights."""
+def compare_v(settings: dict[str, dict], n: int, batch: int, corpus: str, out: str | None) -> None:
+    """Batched EMMET edits (built-in smollm2 hparams) of the same cases under each v* setting (hparams
+    overrides), each batch from the unedited weights: v* seconds, mean Adam steps, ES/PS/NS/Score."""
     from fastmemit import Editor, load_model
     from fastmemit.eval.datasets import load_counterfact
     from fastmemit.eval.metrics import evaluate_counterfact_cases, summarize
@@ -179,8 +186,8 @@ def bench_vstop(n: int, batch: int, corpus: str, out: str | None) -> None:
     cases = load_counterfact(str(DATA / "counterfact-train.json"))[:n]
     builtin = builtin_hparams("EMMET", model)
     rows = []
-    for rule in ("nll", "mpes"):
-        hp = builtin.replace(v_early_stop=rule)
+    for label, over in settings.items():
+        hp = builtin.replace(**over)
         ed = Editor(model, tok, "EMMET", hp, corpus=corpus, show_progress=False)
         ed.prepare_stats()
         recs, v_s, steps, t0 = [], 0.0, [], time.perf_counter()
@@ -193,7 +200,7 @@ def bench_vstop(n: int, batch: int, corpus: str, out: str | None) -> None:
             res.restore()
         total = time.perf_counter() - t0
         s = summarize(recs)
-        row = {"rule": rule, "n": n, "batch": batch, "v_seconds": v_s, "total_seconds": total,
+        row = {"setting": label, **over, "n": n, "batch": batch, "v_seconds": v_s, "total_seconds": total,
                "mean_steps": sum(steps) / len(steps) if steps else None,
                **{k: s.get(k) for k in ("es", "ps", "ns", "score")}}
         rows.append(row)
@@ -219,6 +226,8 @@ def main() -> None:
     m = sub.add_parser("methods")
     m.add_argument("--n", type=int, default=50)
     m.add_argument("--corpus", default=str(DATA / "enwiki-sample.jsonl"))
+    m.add_argument("--methods", default="EMMET,MEMIT,AlphaEdit,ROME")
+    m.add_argument("--v-dtypes", default="model", help="comma list of v_compute_dtype values ('model': none)")
     vm = sub.add_parser("vmem")
     vm.add_argument("--sizes", default="10,100,500")
     vm.add_argument("--max-rows", type=int, default=110, help="v_max_rows of the micro-batched setting")
@@ -230,6 +239,12 @@ def main() -> None:
     vs.add_argument("--batch", type=int, default=10)
     vs.add_argument("--corpus", default=str(DATA / "enwiki-sample.jsonl"))
     vs.add_argument("--out", default=None, help="JSON file of the rows")
+    vd = sub.add_parser("vdtype")
+    vd.add_argument("--n", type=int, default=200)
+    vd.add_argument("--batch", type=int, default=10)
+    vd.add_argument("--dtypes", default="model,bfloat16", help="v_compute_dtype values ('model': none)")
+    vd.add_argument("--corpus", default=str(DATA / "enwiki-sample.jsonl"))
+    vd.add_argument("--out", default=None, help="JSON file of the rows")
     args = ap.parse_args()
     if args.what == "vstar":
         bench_vstar([int(x) for x in args.sizes.split(",")], args.steps)
@@ -238,9 +253,13 @@ def main() -> None:
     elif args.what == "vmem":
         bench_vmem([int(x) for x in args.sizes.split(",")], args.max_rows, args.steps, args.full_max, args.out)
     elif args.what == "vstop":
-        bench_vstop(args.n, args.batch, args.corpus, args.out)
+        compare_v({rule: {"v_early_stop": rule} for rule in ("nll", "mpes")}, args.n, args.batch, args.corpus, args.out)
+    elif args.what == "vdtype":
+        compare_v({d: {"v_compute_dtype": None if d == "model" else d} for d in args.dtypes.split(",")},
+                  args.n, args.batch, args.corpus, args.out)
     else:
-        bench_methods(args.n, args.corpus)
+        bench_methods(args.n, args.corpus, args.methods.split(","),
+                      [None if d == "model" else d for d in args.v_dtypes.split(",")])
 
 
 if __name__ == "__main__":

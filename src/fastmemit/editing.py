@@ -151,7 +151,8 @@ class TargetCache:
     starts from the unedited model) optimize each z* once. The key of a request is
     ``(state, prompt, subject, target_new)`` where ``state`` is everything else z* depends on:
     ``(model fingerprint, templates, last edited layer, fact_token, v_num_grad_steps, v_lr,
-    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop, v_early_stop_nll, v_max_rows, value site)``
+    v_weight_decay, clamp_norm_factor, kl_factor, v_early_stop, v_early_stop_nll, v_max_rows, value site,
+    v_compute_dtype)``
     (micro-batching changes z* in the last bits). A value is
     ``(z (d,), δ (d,) float64, final NLL, steps, m (d,) or None)``. ``store``: a dict to keep the entries
     in (callers that share a dict share the cache); a new one by default.
@@ -169,7 +170,7 @@ class TargetCache:
         """The cache key of each request (see the class docstring); ``site``: the resolved value site."""
         state = (model_fingerprint(model), tuple(templates), layer, hp.fact_token, hp.v_num_grad_steps, hp.v_lr,
                  hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.v_early_stop, hp.v_early_stop_nll,
-                 hp.v_max_rows, site)
+                 hp.v_max_rows, site, hp.v_compute_dtype)
         return [(state, r.prompt, r.subject, r.target_new) for r in requests]
 
     def targets(self, model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,

@@ -162,3 +162,46 @@ def test_block_site_is_refused_on_a_family_with_a_norm_after_the_mlp(tokenizer, 
     with pytest.raises(EditError, match="v_site 'block' cannot be used on 'gemma3_text' models"):
         _editor(model, tokenizer, corpus, tmp_path, "EMMET", v_site="block").edit(REQS[:1])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------- compute dtype
+
+
+@pytest.mark.parametrize("site", ["block", "matrix"])
+def test_a_reduced_compute_dtype_still_reads_h_and_z_in_the_models_dtype(site, peaky, tokenizer):
+    """With one step δ stays 0: z* (and m*) are then the float32 model's values at the plain prompt, to float32
+    precision, whether v* ran under bfloat16 autocast or not (bfloat16 alone is ~1e-2 off); with more steps
+    the bfloat16 path still lowers every request's NLL."""
+    hp = EditHparams(layers=[0], v_num_grad_steps=1, fact_token="last", context_template_length_params=[])
+    ref = optimize_targets(peaky, tokenizer, REQS, TEMPLATES, 0, hp, show_progress=False, site=site)
+    low = optimize_targets(peaky, tokenizer, REQS, TEMPLATES, 0, hp.replace(v_compute_dtype="bfloat16"),
+                           show_progress=False, site=site)
+    assert float(low.delta.abs().max()) == 0.0
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert rel(low.z, ref.z) < 1e-6
+    micro = optimize_targets(peaky, tokenizer, REQS, TEMPLATES, 0, hp.replace(v_compute_dtype="bfloat16", v_max_rows=3),
+                             show_progress=False, site=site)  # one request a micro-batch
+    assert rel(micro.z, ref.z) < 1e-6
+    if site == "matrix":
+        assert rel(low.m, ref.m) < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # what a z* read under autocast would be off by
+        ids = torch.tensor([tokenizer(REQS[0].text)["input_ids"]])
+        h = peaky(ids, output_hidden_states=True).hidden_states[1][0, -1].double()
+    assert rel(h, ref.z[0]) > 1e-4
+    steps = hp.replace(v_num_grad_steps=8, v_compute_dtype="bfloat16", v_early_stop_nll=0.0)
+    moved = optimize_targets(peaky, tokenizer, REQS, TEMPLATES, 0, steps, show_progress=False, site=site)
+    assert all(a < b for a, b in zip(moved.nll, ref.nll))
+    if site == "block":  # z* = h + δ with h the float32 value
+        assert rel(moved.z - moved.delta, ref.z) < 1e-6
+
+
+def test_compute_dtype_is_validated_and_keys_the_z_cache(tokenizer):
+    with pytest.raises(EditError, match=r"hparams.v_compute_dtype must be null, 'bfloat16' or 'float16', got 'int8'"):
+        EditHparams(layers=[0], v_compute_dtype="int8")
+    model = tiny_llm("llama", len(tokenizer))
+    hp = EditHparams(layers=[0])
+    a = TargetCache.keys(model, REQS[:1], TEMPLATES, 0, hp)
+    b = TargetCache.keys(model, REQS[:1], TEMPLATES, 0, hp.replace(v_compute_dtype="bfloat16"))
+    assert a != b
