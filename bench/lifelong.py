@@ -12,6 +12,8 @@ Configurations (``--list``), in the order they run:
                                      hparams, FastMEMIT statistics with dynamic_multiplier 10),
                                      edits 1000 / 3000, batch 10 / 100 (AlphaEdit's protocol: 100)
     EMMET-full-1000-b10              EMMET with full statistics (every token of the statistics corpus)
+    ENCORE-ln<N>-1000-b10            ENCORE with norm_constraint (λ_n) N in 1, 100, 1000 (built-in: 10)
+    ENCORE-orig-1000-b10             ENCORE with norm_anchor 'original' (W0; built-in: 'previous')
 
 Data: ``--data`` (../shared/data/counterfact-train.json) records from ``--start`` (5000) on, written once
 to ``OUT/data/`` as the slice every run reads: records 5000–7999 (case ids in the file), of which the
@@ -22,6 +24,11 @@ FastMEMIT experiment: 200, tests: ≤ 100), never past index 1,000.
     python bench/lifelong.py --out /work/runs/lifelong --only 'ENCORE-1000-b10,EMMET-1000-b10'
     python bench/lifelong.py --out /tmp/smoke --max-edits 20 --only 'EMMET-1000-b10'  # a short smoke run
     python bench/lifelong.py --out /work/runs/lifelong --report                    # table and plot only
+    python bench/lifelong.py --out /work/runs/encore-sweep --start 1000 --max-edits 200 --tasks '' \
+        --only 'ENCORE*-1000-b10,AlphaEdit-1000-b10' --set v_compute_dtype=bfloat16    # a short λ_n sweep
+
+``--set FIELD=JSON`` overrides an hparams field in every selected configuration (a run folder refuses
+to continue with other settings: give such runs their own ``--out``).
 
 Writes the table (also printed), the rows and one retention plot of all configurations to
 ``--results`` (bench/results/lifelong.{md,json,png}) after every configuration.
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastmemit.cli.common import parse_set_overrides
 from fastmemit.eval import RunConfig, run_evaluation
 from fastmemit.eval.plots import plot_lifelong
 from fastmemit.models import load_model
@@ -66,6 +74,9 @@ def all_configs() -> list[Config]:
     out += [Config(f"{m}-1000-b100", m, 1000, 100) for m in METHODS]
     out += [Config(f"{m}-3000-b100", m, 3000, 100) for m in METHODS]
     out += [Config(f"{m}-3000-b10", m, 3000, 10) for m in METHODS]
+    # ENCORE's λ_n (norm_constraint, built-in 10) and anchor, for short sweeps (--max-edits)
+    out += [Config(f"ENCORE-ln{n}-1000-b10", "ENCORE", 1000, 10, {"norm_constraint": n}) for n in (1, 100, 1000)]
+    out.append(Config("ENCORE-orig-1000-b10", "ENCORE", 1000, 10, {"norm_anchor": "original"}))
     return out
 
 
@@ -105,7 +116,8 @@ def run_config(c: Config, args: argparse.Namespace, data: Path) -> RunConfig:
     every = args.check_every or c.edits // 4  # four checks a run by default: 250 / 750 edits
     k_ds, k_ret = steps(every, c.batch), steps(args.retention_every or every, c.batch)
     return RunConfig(
-        method=c.method, model=args.model, hparams=args.hparams, hparams_overrides=dict(c.overrides), dataset="cf",
+        method=c.method, model=args.model, hparams=args.hparams, hparams_overrides={**c.overrides, **args.set},
+        dataset="cf",
         data=str(data), dataset_size_limit=edits, edits_per_batch=c.batch, sequential=True, corpus=args.corpus,
         stats_cache_dir=args.stats_cache_dir, do_downstream_eval=bool(args.tasks), downstream_eval_steps=k_ds,
         downstream_tasks=args.tasks or "sst2", number_of_few_shots=",".join([str(args.shots)] * len(args.tasks.split(",")))
@@ -304,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", type=int, default=5000, help="first record of --data used")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--hparams", default=None, help="one hparams file for every method (default: the built-ins)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="override one hparams field in every configuration (repeatable)")
     ap.add_argument("--corpus", default=None, help="statistics corpus (default: the hparams' / the library's)")
     ap.add_argument("--stats-cache-dir", default=None)
     ap.add_argument("--tasks", default="sst2,rte,mmlu", help="downstream tasks ('' for none)")
@@ -320,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run-plots", action="store_true", help="no plots in the run folders (the summary plot stays)")
     ap.add_argument("--no-plot", action="store_true", help="no summary plot (results .png)")
     args = ap.parse_args(argv)
+    args.set = parse_set_overrides(args.set)
     os.environ.setdefault("FASTMEMIT_PROGRESS", "0")  # a log file, not a terminal: progress lines instead
     configs = select(all_configs(), args.only)
     if args.list:

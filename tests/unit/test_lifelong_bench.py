@@ -65,7 +65,7 @@ def test_two_configurations_of_two_batches_run_resume_and_report(bench, setup, m
             str(work / "model"), "--hparams", str(work / "hparams.json"), "--corpus", str(work / "corpus.jsonl"),
             "--stats-cache-dir", str(work / "stats"), "--data", str(work / "cf.json"), "--start", "5",
             "--only", "EMMET-1000-b10,MEMIT-1000-b10", "--max-edits", "20", "--check-every", "10", "--no-run-plots",
-            *tasks]
+            "--set", "kl_factor=0.07", *tasks]
     assert bench.main(argv) == 0
     rows = json.loads((work / "results" / "lifelong.json").read_text())
     assert [(r["config"], r["status"], r["edits_done"]) for r in rows] == [
@@ -77,6 +77,8 @@ def test_two_configurations_of_two_batches_run_resume_and_report(bench, setup, m
         assert cfg["case_ids"] == list(range(505, 525))  # records 5..24 of the data file
         assert cfg["run"]["edits_per_batch"] == 10 and cfg["run"]["retention_eval_steps"] == 1
         assert cfg["command"][:2] == ["fastmemit", "evaluate"]
+        assert cfg["run"]["hparams_overrides"] == {"kl_factor": 0.07} and "kl_factor=0.07" in cfg["command"]
+        assert json.loads((d / "hparams.json").read_text())["kl_factor"] == 0.07
         assert [c["batches_done"] for c in map(json.loads, (d / "retention.jsonl").read_text().splitlines())] == [1]
         assert len((d / "diagnostics.jsonl").read_text().splitlines()) == 2
         assert r["all_so_far"]["source"] == "final" and r["max_rel_distance"] > 0
@@ -93,7 +95,11 @@ def test_two_configurations_of_two_batches_run_resume_and_report(bench, setup, m
 def test_configurations_and_selection(bench):
     names = [c.name for c in bench.all_configs()]
     assert names[:4] == ["ENCORE-1000-b10", "EMMET-1000-b10", "AlphaEdit-1000-b10", "MEMIT-1000-b10"]
-    assert len(names) == 17 and "EMMET-full-1000-b10" in names
+    assert len(names) == 21 and "EMMET-full-1000-b10" in names
+    sweep = {c.name: c.overrides for c in bench.select(bench.all_configs(), "ENCORE-ln*,ENCORE-orig*")}
+    assert sweep == {"ENCORE-ln1-1000-b10": {"norm_constraint": 1}, "ENCORE-ln100-1000-b10": {"norm_constraint": 100},
+                     "ENCORE-ln1000-1000-b10": {"norm_constraint": 1000},
+                     "ENCORE-orig-1000-b10": {"norm_anchor": "original"}}
     assert [c.name for c in bench.select(bench.all_configs(), "*-3000-b100")] == [
         f"{m}-3000-b100" for m in ("ENCORE", "EMMET", "AlphaEdit", "MEMIT")]
     with pytest.raises(SystemExit):
