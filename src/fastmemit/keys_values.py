@@ -398,13 +398,13 @@ def _read_exact(model: nn.Module, site: _Site, vrows: list[_VRow], v: _VState, n
     per = len(plain) if max_rows == 0 else max_rows
     for s in range(0, len(plain), per):
         batch = _VBatch(model, plain, list(range(s, min(s + per, len(plain)))), pad, device)
-        act = torch.tensor(batch.active, device=v.delta.device)
+        rows = torch.tensor(batch.active, device=v.delta.device)[batch.row_slot]  # (n,) request of each row
         capture: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            batch.forward(model, site, v.delta.detach()[act], capture)  # one row per request
-        v.h0[act] = capture["h"].float()
+            batch.forward(model, site, v.delta.detach()[rows], capture)  # one row per request
+        v.h0[rows] = capture["h"].float()
         if "z" in capture:
-            v.z[act] = capture["z"].float()
+            v.z[rows] = capture["z"].float()
 
 
 def _stops(rule: str, threshold: float, loss: list[float], nll: list[float], hit: list[bool]) -> list[bool]:
