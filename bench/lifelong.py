@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmemit.cli.common import parse_set_overrides
+from fastmemit.errors import ConfigurationError
 from fastmemit.eval import RunConfig, run_evaluation
 from fastmemit.eval.plots import plot_lifelong
 from fastmemit.models import load_model
@@ -337,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run-plots", action="store_true", help="no plots in the run folders (the summary plot stays)")
     ap.add_argument("--no-plot", action="store_true", help="no summary plot (results .png)")
     args = ap.parse_args(argv)
-    args.set = parse_set_overrides(args.set)
+    try:
+        args.set = parse_set_overrides(args.set)
+    except ConfigurationError as e:
+        raise SystemExit(str(e)) from None
     os.environ.setdefault("FASTMEMIT_PROGRESS", "0")  # a log file, not a terminal: progress lines instead
     configs = select(all_configs(), args.only)
     if args.list:
