@@ -381,7 +381,7 @@ def _compute_dtype(model: nn.Module, name: str | None) -> torch.dtype | None:
     """The autocast dtype of v*'s passes (``v_compute_dtype``), None where it is the model's own or unset."""
     if name is None:
         return None
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtype = getattr(torch, name)  # 'bfloat16' | 'float16', checked by the hparams
     return None if dtype == next(model.parameters()).dtype else dtype
 
 
