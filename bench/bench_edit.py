@@ -7,7 +7,8 @@
    batch) vs a direct d_k×d_k solve per batch, at d_k = 1536, 6400, 16384, random SPD statistics.
 3. ``methods``: whole edits (statistics cached) per method on smollm2-135m: edits/s.
 4. ``vmem``: v*'s peak memory and time at batch sizes 10, 100, 500, all rows in one forward
-   (``v_max_rows`` 0) vs micro-batches with accumulated gradients (``v_max_rows`` R), each setting
+   (``v_max_rows`` 0) vs micro-batches with accumulated gradients (``v_max_rows`` R; prefix caches held
+   up to each ``v_prefix_cache_mb`` of ``--prefix-mb``), each setting
    in a fresh process (peak RSS, VmHWM, beyond the RSS after loading the model); the deltas of the
    two settings are compared (micro-batching is exact).
 5. ``vstop``: v* early stopping by the NLL rule vs ENCORE's most-probable early stopping (MPES) on the
@@ -19,10 +20,11 @@
     python bench/bench_edit.py vstar --sizes 1,10,50 --steps 5
     python bench/bench_edit.py solve --dks 1536,6400,16384 --batch 10
     python bench/bench_edit.py methods --n 50
-    python bench/bench_edit.py vmem --sizes 10,100,500 --max-rows 110 --steps 2
+    python bench/bench_edit.py vmem --sizes 10,100,500 --max-rows 70 --prefix-mb 0,512 --steps 2
     python bench/bench_edit.py vstop --n 200 --batch 10
     python bench/bench_edit.py vdtype --n 200 --batch 10
     python bench/bench_edit.py methods --n 50 --methods EMMET --v-dtypes model,bfloat16
+    python bench/bench_edit.py methods --n 50 --methods EMMET --v-max-rows 0,70
 """
 
 from __future__ import annotations
@@ -105,18 +107,19 @@ def bench_solve(dks: list[int], batch: int, d: int, batches: int) -> None:
         del C, F
 
 
-def bench_methods(n: int, corpus: str, methods: list[str], dtypes: list[str | None]) -> None:
+def bench_methods(n: int, corpus: str, methods: list[str], dtypes: list[str | None], max_rows: list[int]) -> None:
     from fastmemit import Editor, load_model
     from fastmemit.methods import get_method
 
     model, tok = load_model("smollm2-135m")
     reqs = _requests(n)
     print(f"whole edit of {n} CounterFact facts in one batch on smollm2-135m (statistics cached after a warm-up)")
-    print(f"{'method':>10} {'v dtype':>9} {'seconds':>8} {'edits/s':>8}  phases")
+    print(f"{'method':>10} {'v dtype':>9} {'max rows':>8} {'seconds':>8} {'edits/s':>8}  phases")
     for method in methods:
-        for dtype in dtypes:
+        for dtype, rows in [(d, r) for d in dtypes for r in max_rows]:
             over = {"layers": [8], "clamp_norm_factor": 4.0} if method == "ROME" else {}
-            hp = get_method(method).hparams_cls.from_dict({**SMOL_HP, **over, "v_compute_dtype": dtype})
+            hp = get_method(method).hparams_cls.from_dict({**SMOL_HP, **over, "v_compute_dtype": dtype,
+                                                           "v_max_rows": rows})
             ed = Editor(model, tok, method, hp, corpus=corpus, show_progress=False)
             ed.prepare_stats()  # warm the statistics cache: this measures the edit itself
             todo = reqs if method != "ROME" else reqs[: max(1, n // 10)]
@@ -125,11 +128,11 @@ def bench_methods(n: int, corpus: str, methods: list[str], dtypes: list[str | No
             dt = time.perf_counter() - t0
             res.restore()
             phases = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())
-            print(f"{method:>10} {dtype or 'model':>9} {dt:>8.1f} {len(todo) / dt:>8.2f}  {phases}  ({len(todo)} edits)",
+            print(f"{method:>10} {dtype or 'model':>9} {rows:>8} {dt:>8.1f} {len(todo) / dt:>8.2f}  {phases}  ({len(todo)} edits)",
                   flush=True)
 
 
-def vmem_one(n: int, max_rows: int, steps: int) -> None:
+def vmem_one(n: int, max_rows: int, steps: int, prefix_mb: float) -> None:
     """One v* run in this process; prints a JSON line (the parent runs each setting in a fresh process)."""
     from fastmemit import EditRequest, load_model
     from fastmemit.keys_values import context_templates, optimize_targets
@@ -137,7 +140,8 @@ def vmem_one(n: int, max_rows: int, steps: int) -> None:
     from real_size import _rss_peak_mib, peak  # bench/ is on sys.path when this file runs as a script
 
     model, tok = load_model("smollm2-135m")
-    hp = EditHparams.from_dict({**SMOL_HP, "v_num_grad_steps": steps, "v_early_stop_nll": 0.0, "v_max_rows": max_rows})
+    hp = EditHparams.from_dict({**SMOL_HP, "v_num_grad_steps": steps, "v_early_stop_nll": 0.0, "v_max_rows": max_rows,
+                                "v_prefix_cache_mb": prefix_mb})
     templates = context_templates(model, tok, hp.context_template_length_params)
     reqs = [EditRequest.from_any(r) for r in _requests(n)]
     base = _rss_peak_mib()[1]
@@ -145,20 +149,22 @@ def vmem_one(n: int, max_rows: int, steps: int) -> None:
         t0 = time.perf_counter()
         res = optimize_targets(model, tok, reqs, templates, hp.layers[-1], hp, show_progress=False)
         dt = time.perf_counter() - t0
-    print(json.dumps({"n": n, "max_rows": max_rows, "rows": n * (len(templates) + 1), "seconds": dt,
+    print(json.dumps({"n": n, "max_rows": max_rows, "prefix_mb": prefix_mb, "rows": n * (len(templates) + 1), "seconds": dt,
                       "peak_mib": mem["gib"] * 1024, "rss_after_load_mib": base,
                       "delta_sum": float(res.delta.abs().sum()), "delta_max": float(res.delta.abs().max())}))
 
 
-def bench_vmem(sizes: list[int], max_rows: int, steps: int, full_max: int, out: str | None) -> None:
+def bench_vmem(sizes: list[int], max_rows: int, prefix_mbs: list[float], steps: int, full_max: int,
+               out: str | None) -> None:
     print(f"v* on smollm2-135m, {steps} steps (no early stop), each setting in a fresh process; "
           f"peak = VmHWM − RSS after loading the model")
-    print(f"{'batch':>6} {'v_max_rows':>10} {'rows':>6} {'seconds':>8} {'s/fact/step':>11} {'peak MiB':>9}  same δ")
+    print(f"{'batch':>6} {'v_max_rows':>10} {'prefix MiB':>10} {'rows':>6} {'seconds':>8} {'s/fact/step':>11} "
+          f"{'peak MiB':>9}  same δ")
     rows: list[dict] = []
     for n in sizes:
         ref = None
-        for r in ([0] if n <= full_max else []) + [max_rows]:
-            cmd = [sys.executable, __file__, "_vmem_one", str(n), str(r), str(steps)]
+        for r, mb in ([(0, 0.0)] if n <= full_max else []) + [(max_rows, mb) for mb in prefix_mbs]:
+            cmd = [sys.executable, __file__, "_vmem_one", str(n), str(r), str(steps), str(mb)]
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             row = json.loads(line)
             rows.append(row)
@@ -166,7 +172,7 @@ def bench_vmem(sizes: list[int], max_rows: int, steps: int, full_max: int, out: 
                 "yes" if abs(row["delta_sum"] - ref["delta_sum"]) <= 1e-5 * ref["delta_sum"] else
                 f"no ({row['delta_sum']:.6g} vs {ref['delta_sum']:.6g})")
             ref = ref or row
-            print(f"{n:>6} {r:>10} {row['rows']:>6} {row['seconds']:>8.1f} {row['seconds'] / n / steps:>11.3f} "
+            print(f"{n:>6} {r:>10} {mb if r else '':>10} {row['rows']:>6} {row['seconds']:>8.1f} {row['seconds'] / n / steps:>11.3f} "
                   f"{row['peak_mib']:>9.0f}  {same}", flush=True)
         if n > full_max:
             print(f"{n:>6} {0:>10}  (all rows at once not run above --full-max {full_max})")
@@ -211,7 +217,7 @@ def compare_v(settings: dict[str, dict], n: int, batch: int, corpus: str, out: s
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_vmem_one":
-        vmem_one(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        vmem_one(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -228,9 +234,11 @@ def main() -> None:
     m.add_argument("--corpus", default=str(DATA / "enwiki-sample.jsonl"))
     m.add_argument("--methods", default="EMMET,MEMIT,AlphaEdit,ROME")
     m.add_argument("--v-dtypes", default="model", help="comma list of v_compute_dtype values ('model': none)")
+    m.add_argument("--v-max-rows", default="70", help="comma list of v_max_rows values (0: one micro-batch)")
     vm = sub.add_parser("vmem")
     vm.add_argument("--sizes", default="10,100,500")
-    vm.add_argument("--max-rows", type=int, default=110, help="v_max_rows of the micro-batched setting")
+    vm.add_argument("--max-rows", type=int, default=70, help="v_max_rows of the micro-batched settings")
+    vm.add_argument("--prefix-mb", default="0,512", help="v_prefix_cache_mb values of the micro-batched settings")
     vm.add_argument("--steps", type=int, default=2)
     vm.add_argument("--full-max", type=int, default=100, help="largest batch also run with all rows at once")
     vm.add_argument("--out", default=None, help="JSON file of the rows")
@@ -251,7 +259,8 @@ def main() -> None:
     elif args.what == "solve":
         bench_solve([int(x) for x in args.dks.split(",")], args.batch, args.d, args.batches)
     elif args.what == "vmem":
-        bench_vmem([int(x) for x in args.sizes.split(",")], args.max_rows, args.steps, args.full_max, args.out)
+        bench_vmem([int(x) for x in args.sizes.split(",")], args.max_rows, [float(x) for x in args.prefix_mb.split(",")],
+                   args.steps, args.full_max, args.out)
     elif args.what == "vstop":
         compare_v({rule: {"v_early_stop": rule} for rule in ("nll", "mpes")}, args.n, args.batch, args.corpus, args.out)
     elif args.what == "vdtype":
@@ -259,7 +268,8 @@ def main() -> None:
                   args.n, args.batch, args.corpus, args.out)
     else:
         bench_methods(args.n, args.corpus, args.methods.split(","),
-                      [None if d == "model" else d for d in args.v_dtypes.split(",")])
+                      [None if d == "model" else d for d in args.v_dtypes.split(",")],
+                      [int(r) for r in args.v_max_rows.split(",")])
 
 
 if __name__ == "__main__":

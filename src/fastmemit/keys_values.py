@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -350,30 +351,50 @@ class _VState:
 
 
 def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: int, max_rows: int, pad: int,
-                   device: torch.device) -> list[_VBatch]:
+                   device: torch.device, hold_bytes: float) -> list[_VBatch]:
     """The active requests' rows in batches of whole requests, at most ``max_rows`` prompts each (0: one batch).
 
-    With more than one micro-batch, no micro-batch keeps its prefix cache between forwards (it is
-    recomputed each time, the same numbers): memory then stays bounded by ``max_rows`` whatever the
-    number of requests, at the cost of one gradient-free prefix forward per micro-batch and step."""
+    Requests are grouped by the length of their suffixes (fact token to the end of the target), so a
+    micro-batch pads little; each micro-batch lists its requests in ascending order. With more than
+    one micro-batch, their prefix caches are held across steps while together they take at most
+    ``hold_bytes``; the others are recomputed in every forward (the same numbers), so memory stays
+    bounded by ``max_rows`` and the budget whatever the number of requests."""
     per = len(active) if max_rows == 0 else max(1, max_rows // (n_t + 1))  # n_t rewrite prompts + 1 essence prompt
-    hold = per >= len(active)  # one micro-batch: its prefix cache is kept across steps
-    return [_VBatch(model, rows, active[s : s + per], pad, device, hold) for s in range(0, len(active), per)]
+    if per >= len(active):
+        return [_VBatch(model, rows, active, pad, device)]  # one micro-batch: its prefix cache is held
+    suffix: dict[int, int] = {}
+    for r in rows:
+        suffix[r.request] = max(suffix.get(r.request, 0), len(r.ids) - r.fact + len(r.target or []))
+    order = sorted(active, key=lambda b: suffix[b])  # stable
+    batches, held = [], 0
+    for s in range(0, len(order), per):
+        batch = _VBatch(model, rows, sorted(order[s : s + per]), pad, device, held < hold_bytes)
+        if held + batch.prefix.nbytes > hold_bytes:
+            batch.prefix.release()
+        held += batch.prefix.nbytes
+        batches.append(batch)
+    return batches
 
 
 def _start(model: nn.Module, site: _Site, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:
     """δ = 0: h0 and p_0 from one forward pass without gradient per micro-batch."""
-    h0, kl_ref = [], []
+    h: torch.Tensor | None = None  # (B, d)
+    kl_ref: torch.Tensor | None = None  # (B, V)
     for batch in batches:
         capture: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             _, kl0, _ = batch.forward(model, site, torch.zeros(1, 1, device=batch.tok_len.device), capture)
         # rows are request-major with template 0 (the plain prompt) first: row a·n_t is request a's
-        h0.append(capture["h"].float()[torch.arange(len(batch.active), device=kl0.device) * n_t])  # (A, d)
-        kl_ref.append(kl0)  # (A, V)
-    h = torch.cat(h0)  # (B, d)
+        h_b = capture["h"].float()[torch.arange(len(batch.active), device=kl0.device) * n_t]  # (A, d)
+        if h is None or kl_ref is None:
+            B = sum(len(b.active) for b in batches)
+            h = h_b.new_zeros(B, h_b.shape[1])
+            kl_ref = kl0.new_zeros(B, kl0.shape[1])
+        act = torch.tensor(batch.active, device=h.device)
+        h[act], kl_ref[act] = h_b, kl0
+    assert h is not None and kl_ref is not None
     delta = torch.zeros_like(h, requires_grad=True)  # (B, d)
-    return _VState(h, torch.cat(kl_ref), delta, torch.optim.Adam([delta], lr=hp.v_lr),
+    return _VState(h, kl_ref, delta, torch.optim.Adam([delta], lr=hp.v_lr),
                    hp.clamp_norm_factor * h.norm(dim=1), h.norm(dim=1) ** 2, torch.zeros_like(h))
 
 
@@ -382,7 +403,29 @@ def _compute_dtype(model: nn.Module, name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     dtype = getattr(torch, name)  # 'bfloat16' | 'float16', checked by the hparams
-    return None if dtype == next(model.parameters()).dtype else dtype
+    if dtype == next(model.parameters()).dtype:
+        return None
+    if model_device(model).type == "cpu" and cpu_has_native(dtype) is False:
+        _warn_emulated(name)
+    return dtype
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool | None:
+    """Whether this CPU computes ``dtype`` (bfloat16 | float16) in hardware, as oneDNN reports it (AVX-512,
+    AMX); None where this torch build cannot say. Without it, autocast to ``dtype`` runs several times
+    slower than float32 (≈8× for a bfloat16 matmul on an AVX2-only AMD EPYC)."""
+    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _warn_emulated(name: str) -> None:
+    logger.warning("v_compute_dtype %s: this CPU has no %s instructions (torch: %s), so v* will run several "
+                   "times slower than in float32; set v_compute_dtype to null here", name, name,
+                   torch.backends.cpu.get_cpu_capability())
 
 
 def _passes(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -465,6 +508,7 @@ def optimize_targets(
     vrows = v_rows(tok, requests, templates, hp.fact_token, rows)
     rule = getattr(hp, "v_early_stop", "nll")
     max_rows = getattr(hp, "v_max_rows", 0)
+    hold_bytes = getattr(hp, "v_prefix_cache_mb", 0.0) * 2**20
     active = list(range(B))
     final_nll, steps = [float("nan")] * B, [0] * B
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -474,12 +518,12 @@ def optimize_targets(
     amp = _compute_dtype(model, getattr(hp, "v_compute_dtype", None))
     try:
         with _passes(device, amp):  # a held prefix cache is computed here
-            batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device)
+            batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device, hold_bytes)
             v = _start(model, where, batches, n_t, hp)
         for step in range(hp.v_num_grad_steps):
-            if [b for batch in batches for b in batch.active] != active:  # drop finished requests' rows
+            if sorted(b for batch in batches for b in batch.active) != active:  # drop finished requests' rows
                 with _passes(device, amp):
-                    batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device)
+                    batches = _micro_batches(model, vrows, active, n_t, max_rows, pad_id(tok), device, hold_bytes)
             last = step == hp.v_num_grad_steps - 1
             v.opt.zero_grad()
             done: list[int] = []

@@ -235,7 +235,8 @@ class PrefixCache:
     - ``PrefixCache(model, [], pad, shared=True)``: no prefix, a plain padded forward.
     - ``hold=False``: the prefixes' cache is not held between calls; every :meth:`run` recomputes it
       (the same forward, so the same numbers) and drops it after, so memory does not grow with the
-      number of caches alive at once (v*'s micro-batches). A caller whose run happens inside hooks
+      number of caches alive at once (v*'s micro-batches); :meth:`release` turns a held cache into
+      such a one, and :attr:`nbytes` is what a held cache takes. A caller whose run happens inside hooks
       that must not see the prefix takes :meth:`fresh_cache` before entering them.
 
     :meth:`batch` pads suffixes on the right (every row's first suffix token in column 0) or on the
@@ -256,7 +257,7 @@ class PrefixCache:
         self.length = max((len(p) for p in rows), default=0)  # P
         self.cache: Any = None
         self.mask = torch.zeros((len(rows), 0), dtype=torch.long, device=self.fwd.device)  # (R, P)
-        self._ids: torch.Tensor | None = None  # (R, P) the prefixes, when the cache is recomputed per run
+        self._ids: torch.Tensor | None = None  # (R, P) the prefixes: what a cache not held is recomputed from
         self._pos: torch.Tensor | None = None  # (R, P)
         if self.length:
             if not self.fwd.can_cache:
@@ -266,7 +267,6 @@ class PrefixCache:
             self._ids, self._pos = ids.to(self.fwd.device), pos.to(self.fwd.device)
             if hold:
                 self.cache = self._compute()
-                self._ids = self._pos = None
 
     @torch.no_grad()
     def _compute(self) -> Any:
@@ -293,6 +293,18 @@ class PrefixCache:
         p_mask = self.mask.expand(len(suffixes), -1) if self.shared else self.mask  # (B, P)
         mask = torch.cat([p_mask, s_mask], dim=1)  # (B, P + S)
         return Batch(s_ids, mask, positions(mask)[:, self.length:])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the held cache's tensors (0 when none is held)."""
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in getattr(self.cache, "layers", [])
+                   for t in vars(layer).values() if isinstance(t, torch.Tensor))
+
+    def release(self) -> None:
+        """Stop holding the cache: every later :meth:`run` recomputes it (the same numbers)."""
+        self.cache = None
 
     def fresh_cache(self) -> Any:
         """The prefixes' cache for one :meth:`run`: a copy of the held one, or computed now (``hold=False``)."""

@@ -82,7 +82,10 @@ def test_bf16_edit_takes_and_restores_bit_exactly(arch, layers, tokenizer, corpu
         m1 = read_layer(model, rows, len(reqs), 1, 1, 1).M
         m_star = t.m if t.m is not None else m0 + t.delta
         err = (m1 - m_star).norm(dim=1) / (m_star - m0).norm(dim=1)
-        assert float(err.max()) < 5e-2, err
+        # what is left is mostly the preservation term's pull (λC0), not bf16 rounding: the same weights read in
+        # float64 miss m* by as much (0.088 vs 0.090 for Gemma 3's second request on an AVX2 CPU); an edit that
+        # did not land would miss by ~1
+        assert float(err.max()) < 0.15, err
     path = result.save(tmp_path / "d.safetensors")
     result.restore()
     assert _same(model, before)

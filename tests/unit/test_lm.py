@@ -363,6 +363,8 @@ def test_vstar_micro_batches_give_the_result_of_one_batch(arch: str, tiny_model:
         assert len(set(whole.steps)) > 2 and min(whole.steps) < 15 == max(whole.steps)
     sizes: list[int] = []
     held: list[list[bool]] = []  # per split into micro-batches: which keep their prefix cache between forwards
+    nbytes: list[list[int]] = []  # per split: the bytes of each held cache
+    widths: list[list[int]] = []  # per split: each micro-batch's padded suffix length
     init, split = keys_values._VBatch.__init__, keys_values._micro_batches
 
     def record(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -372,20 +374,34 @@ def test_vstar_micro_batches_give_the_result_of_one_batch(arch: str, tiny_model:
     def record_split(*args: Any, **kwargs: Any) -> list[Any]:
         out = split(*args, **kwargs)
         held.append([b.prefix.cache is not None for b in out])
+        nbytes.append([b.prefix.nbytes for b in out])
+        widths.append([b.batch.ids.shape[1] for b in out])
         return out
 
     monkeypatch.setattr(keys_values._VBatch, "__init__", record)
     monkeypatch.setattr(keys_values, "_micro_batches", record_split)
-    for max_rows, per in ((4, 1), (9, 2)):  # 3 templates + 1 essence prompt = 4 rows a request
+    one_cache = 0
+    # 3 templates + 1 essence prompt = 4 rows a request; prefix budget 0 (none held), 1e9 MiB (all), one cache's bytes
+    for max_rows, per, budget in ((4, 1, 0.0), (9, 2, 0.0), (9, 2, 1e9), (9, 2, None)):
         sizes.clear()
         held.clear()
-        part = optimize_targets(model, tokenizer, V_REQUESTS, V_TEMPLATES, 0, _v_hparams(v_max_rows=max_rows),
-                                show_progress=False)
+        nbytes.clear()
+        widths.clear()
+        mb = one_cache / 2**20 if budget is None else budget
+        part = optimize_targets(model, tokenizer, V_REQUESTS, V_TEMPLATES, 0,
+                                _v_hparams(v_max_rows=max_rows, v_prefix_cache_mb=mb), show_progress=False)
         assert sizes and max(sizes) == 4 * per  # no forward pass holds more rows than the budget
-        # nor do the prefix caches of the other micro-batches stay alive (memory bounded by the budget);
-        # once the active requests fit one micro-batch, it keeps its cache
-        assert any(len(g) > 1 for g in held) and all(not any(g) for g in held if len(g) > 1)
-        assert all(g == [True] for g in held if len(g) == 1)
+        assert any(len(g) > 1 for g in held)
+        assert all(g == [True] for g in held if len(g) == 1)  # a single micro-batch keeps its cache
+        if budget == 0:  # no other prefix cache stays alive: memory bounded by v_max_rows
+            assert all(not any(g) for g in held if len(g) > 1)
+        elif budget == 1e9:
+            assert all(all(g) for g in held)
+            one_cache = nbytes[0][0]
+            assert one_cache > 0 and all(x > 0 for x in nbytes[0])
+        else:  # the budget holds the first micro-batch's cache, not the second's
+            assert held[0][:2] == [True, False] and sum(nbytes[0]) == one_cache
+        assert widths[0] == sorted(widths[0])  # requests grouped by suffix length: short ones pad less
         assert part.steps == whole.steps
         torch.testing.assert_close(part.delta, whole.delta, atol=1e-5 * float(whole.delta.abs().max()), rtol=0)
         assert part.nll == pytest.approx(whole.nll, abs=1e-5)

@@ -185,7 +185,8 @@ def test_a_seed_emmet_file_gets_the_seeds_v_star_rules():
     """The seed's v* numerics from its file alone: the total-loss stop at 5e-2, δ at the block output for
     EMMET/MEMIT (compute_z.py: layer_module_tmp) and at the MLP output for ROME (compute_v.py: mlp_module_tmp)."""
     hp = load_hparams(DATA / "EMMET/fast-gpt2.json", "EMMET")
-    assert (hp.v_early_stop, hp.v_early_stop_nll, hp.v_site, hp.v_max_rows) == ("loss", 0.05, "auto", 0)
+    assert (hp.v_early_stop, hp.v_early_stop_nll, hp.v_site) == ("loss", 0.05, "auto")
+    assert hp.v_max_rows == 70  # only bounds v*'s memory: fastmemit's default (micro-batching is exact)
     assert get_method("EMMET").value_site == get_method("MEMIT").value_site == "block"
     assert get_method("ROME").value_site == "matrix"
     assert load_hparams("gpt2-xl.json", "EMMET").v_early_stop == "loss"  # the built-in seed file too

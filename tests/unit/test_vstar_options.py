@@ -4,6 +4,7 @@ regularizers relative to the MLP output, ``v_site``), and the z* cache keeping s
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,19 @@ def test_compute_dtype_is_validated_and_keys_the_z_cache(tokenizer):
     a = TargetCache.keys(model, REQS[:1], TEMPLATES, 0, hp)
     b = TargetCache.keys(model, REQS[:1], TEMPLATES, 0, hp.replace(v_compute_dtype="bfloat16"))
     assert a != b
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_reduced_dtype_the_cpu_only_emulates_is_warned_about_once(native, peaky, tokenizer, monkeypatch, caplog):
+    """bfloat16 autocast on a CPU without bfloat16 instructions (AVX2) is ≈8× slower than float32: say so."""
+    monkeypatch.setattr(keys_values, "cpu_has_native", lambda dtype: native)
+    keys_values._warn_emulated.cache_clear()
+    hp = EditHparams(layers=[0], v_num_grad_steps=1, fact_token="last", context_template_length_params=[],
+                     v_compute_dtype="bfloat16")
+    with caplog.at_level(logging.WARNING, logger="fastmemit"):
+        for _ in range(2):
+            optimize_targets(peaky, tokenizer, REQS, TEMPLATES, 0, hp, show_progress=False)
+    slow = [r for r in caplog.records if "no bfloat16 instructions" in r.getMessage()]
+    assert len(slow) == (0 if native else 1)
+    keys_values._warn_emulated.cache_clear()
+

@@ -79,7 +79,14 @@ class EditHparams:
         "(the method's own choice). Families with a norm after the MLP (Gemma 2/3) always use 'matrix'", "auto")
     v_max_rows: int = _help(
         "prompts per v* micro-batch (gradients accumulated, same result): bounds v*'s memory; a micro-batch "
-        "holds at least one request's prompts (templates + 1); 0: all requests at once", 0)
+        "holds at least one request's prompts (templates + 1); 0: all requests at once. The default, 70, is "
+        "10 requests with the built-in smollm2 templates (6 + 1 prompts each): v* then holds about 2 GB on smollm2 "
+        "at any batch size (bench/README.md)", 70)
+    v_prefix_cache_mb: float = _help(
+        "MiB of prompt-prefix key/value caches v*'s micro-batches may keep across optimization steps (tokens "
+        "before the fact token never see δ, so they run once); micro-batches past the budget recompute theirs "
+        "in every step, the same numbers at about twice the time. Unused with a single micro-batch, which "
+        "always keeps its cache", 512.0)
     v_compute_dtype: str | None = _help(
         "dtype v*'s forward and backward passes compute in (torch.autocast): 'bfloat16' | 'float16' | null (the "
         "model's own, no autocast). δ, Adam and the loss stay float32, and h (the site's value at δ = 0) and z* are "
@@ -193,6 +200,8 @@ class EditHparams:
             raise EditError(f"hparams.v_compute_dtype must be null, 'bfloat16' or 'float16', got {self.v_compute_dtype!r}")
         if self.v_max_rows < 0:
             raise EditError(f"hparams.v_max_rows must be ≥ 0 (0: all rows at once), got {self.v_max_rows}")
+        if not self.v_prefix_cache_mb >= 0:
+            raise EditError(f"hparams.v_prefix_cache_mb must be ≥ 0, got {self.v_prefix_cache_mb}")
 
     # --- (de)serialization -------------------------------------------------------------------
     @classmethod
