@@ -307,10 +307,19 @@ class PrefixCache:
         self.cache = None
 
     def fresh_cache(self) -> Any:
-        """The prefixes' cache for one :meth:`run`: a copy of the held one, or computed now (``hold=False``)."""
-        if self.cache is not None:
+        """The prefixes' cache for one :meth:`run`: a copy of the held one, or computed now (``hold=False``).
+
+        The copy shares the held key/value tensors: a run appends its suffix by concatenation (a new
+        tensor bound to the copy's layer), never writing into them, so no per-run copy of the prefix is
+        made. A cache without per-layer objects is deep-copied."""
+        if self.cache is None:
+            return self._compute() if self._ids is not None else None
+        layers = getattr(self.cache, "layers", None)
+        if not isinstance(layers, list):
             return copy.deepcopy(self.cache)
-        return self._compute() if self._ids is not None else None
+        out = copy.copy(self.cache)
+        out.layers = [copy.copy(layer) for layer in layers]
+        return out
 
     def run(self, batch: Batch, *, keep: int | None = None, body: bool = False, use_cache: bool = False,
             cache: Any = None) -> Any:

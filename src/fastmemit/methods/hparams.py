@@ -80,18 +80,19 @@ class EditHparams:
     v_max_rows: int = _help(
         "prompts per v* micro-batch (gradients accumulated, same result): bounds v*'s memory; a micro-batch "
         "holds at least one request's prompts (templates + 1); 0: all requests at once. The default, 70, is "
-        "10 requests with the built-in smollm2 templates (6 + 1 prompts each): v* then holds about 2 GB on smollm2 "
-        "at any batch size (bench/README.md)", 70)
+        "10 requests with the built-in smollm2 templates (6 + 1 prompts each); with v_prefix_cache_mb it bounds "
+        "v*'s memory whatever the batch size", 70)
     v_prefix_cache_mb: float = _help(
         "MiB of prompt-prefix key/value caches v*'s micro-batches may keep across optimization steps (tokens "
         "before the fact token never see δ, so they run once); micro-batches past the budget recompute theirs "
-        "in every step, the same numbers at about twice the time. Unused with a single micro-batch, which "
-        "always keeps its cache", 512.0)
+        "in every step (the same numbers; v* took 1.5x as long with none held at batch 100). Unused with a single micro-batch, which "
+        "always keeps its cache. The default keeps v* under 2 GiB at batch 100 on smollm2 (bench/README.md)", 384.0)
     v_compute_dtype: str | None = _help(
         "dtype v*'s forward and backward passes compute in (torch.autocast): 'bfloat16' | 'float16' | null (the "
         "model's own, no autocast). δ, Adam and the loss stay float32, and h (the site's value at δ = 0) and z* are "
         "read by one more forward in the model's dtype, so only the optimization path is approximate: about 2x "
-        "faster on CPUs with bfloat16 instructions (AVX-512 BF16, AMX) and on GPUs; bench/README.md measures it", None)
+        "faster on CPUs with bfloat16 instructions (AVX-512 BF16, AMX) and on GPUs, several times slower on CPUs "
+        "without them (AVX2: v* warns); bench/README.md measures it", None)
     mom2_adjustment: bool = _help("use C0 (False: identity, i.e. plain least squares)", True)
     mom2_update_weight: float = _help("λ: weight of the preserved keys' second moment", 15000.0)
     mom2_dataset: str = _help("research-code name of the statistics corpus ('wikipedia' → our default corpus)", "wikipedia")
