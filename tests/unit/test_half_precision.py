@@ -145,12 +145,14 @@ def test_bf16_and_float32_reach_the_same_value_targets(tokenizer):
 
 
 @pytest.mark.integration
-def test_emmet_ten_counterfact_facts_on_smollm2_in_bf16(smollm2, shared_data, tmp_path, monkeypatch):
-    """test_edit_smollm2's check on a bf16 copy of the model: ≥ 9/10 facts take, Paris stays, restore exact."""
+def test_emmet_counterfact_facts_on_smollm2_in_bf16(smollm2, shared_data, tmp_path, monkeypatch):
+    """test_edit_smollm2's check on a bf16 copy of the model, on 5 facts (a CPU without bfloat16 instructions
+    emulates every op: 10 facts took 19 min of a 31-min CI run on an AVX2 EPYC): ≥ 4/5 take, Paris stays,
+    restore exact."""
     model32, tok = smollm2
     model = copy.deepcopy(model32).to(torch.bfloat16)
     monkeypatch.setenv("FASTMEMIT_CACHE", str(tmp_path))
-    records = json.loads((shared_data / "counterfact-train.json").read_text())[:10]
+    records = json.loads((shared_data / "counterfact-train.json").read_text())[:5]
     requests = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
                  "target_true": r["ground_truth"]} for r in records]
     before = _params(model)
@@ -161,7 +163,7 @@ def test_emmet_ten_counterfact_facts_on_smollm2_in_bf16(smollm2, shared_data, tm
         assert all(d.dtype == torch.bfloat16 for d in result.deltas.values())
         wins = sum(_nll(model, tok, r["prompt"], r["target_new"]) < _nll(model, tok, r["prompt"], r["ground_truth"])
                    for r in records)
-        assert wins >= 9, f"new target more likely on only {wins}/10 prompts"
+        assert wins >= 4, f"new target more likely on only {wins}/5 prompts"
         assert top_tokens(model, tok, ["The Eiffel Tower is located in the city of"], k=1)[0][0][0] == " Paris"
     finally:
         result.restore()
