@@ -378,23 +378,20 @@ def _micro_batches(model: nn.Module, rows: list[_VRow], active: list[int], n_t: 
 
 def _start(model: nn.Module, site: _Site, batches: list[_VBatch], n_t: int, hp: Any) -> _VState:
     """δ = 0: h0 and p_0 from one forward pass without gradient per micro-batch."""
-    h: torch.Tensor | None = None  # (B, d)
-    kl_ref: torch.Tensor | None = None  # (B, V)
+    h0, kl_ref = [], []
     for batch in batches:
         capture: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             _, kl0, _ = batch.forward(model, site, torch.zeros(1, 1, device=batch.tok_len.device), capture)
         # rows are request-major with template 0 (the plain prompt) first: row a·n_t is request a's
-        h_b = capture["h"].float()[torch.arange(len(batch.active), device=kl0.device) * n_t]  # (A, d)
-        if h is None or kl_ref is None:
-            B = sum(len(b.active) for b in batches)
-            h = h_b.new_zeros(B, h_b.shape[1])
-            kl_ref = kl0.new_zeros(B, kl0.shape[1])
-        act = torch.tensor(batch.active, device=h.device)
-        h[act], kl_ref[act] = h_b, kl0
-    assert h is not None and kl_ref is not None
+        h0.append(capture["h"].float()[torch.arange(len(batch.active), device=kl0.device) * n_t])  # (A, d)
+        kl_ref.append(kl0)  # (A, V)
+    order = torch.tensor([b for batch in batches for b in batch.active], device=h0[0].device)  # (B,) request of each
+    h_cat, kl_cat = torch.cat(h0), torch.cat(kl_ref)  # (B, d), (B, V) in micro-batch order
+    h, kl = torch.empty_like(h_cat), torch.empty_like(kl_cat)  # the same, by request
+    h[order], kl[order] = h_cat, kl_cat
     delta = torch.zeros_like(h, requires_grad=True)  # (B, d)
-    return _VState(h, kl_ref, delta, torch.optim.Adam([delta], lr=hp.v_lr),
+    return _VState(h, kl, delta, torch.optim.Adam([delta], lr=hp.v_lr),
                    hp.clamp_norm_factor * h.norm(dim=1), h.norm(dim=1) ** 2, torch.zeros_like(h))
 
 
